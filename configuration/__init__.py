@@ -1,0 +1,3 @@
+from .configuration_llava_visionzip import LlavaVisionZipConfig
+
+__all__ = ["LlavaVisionZipConfig"]

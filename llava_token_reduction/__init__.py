@@ -1,0 +1,23 @@
+"""VisionZip and TRIM visual-token reduction for LLaVA, as Hugging Face Transformers models.
+
+Importing this package registers the model types with transformers' Auto classes, so
+`AutoModelForImageTextToText.from_pretrained(...)` resolves them without remote code.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from .configuration import LlavaVisionZipConfig
+from .modeling import LlavaVisionZipForConditionalGeneration, LlavaVisionZipModel
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(LlavaVisionZipConfig.model_type, LlavaVisionZipConfig, exist_ok=True)
+AutoModel.register(LlavaVisionZipConfig, LlavaVisionZipModel, exist_ok=True)
+AutoModelForImageTextToText.register(LlavaVisionZipConfig, LlavaVisionZipForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "LlavaVisionZipConfig",
+    "LlavaVisionZipModel",
+    "LlavaVisionZipForConditionalGeneration",
+]
