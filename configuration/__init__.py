@@ -1,3 +1,4 @@
+from .configuration_llava_trim import LlavaTrimConfig
 from .configuration_llava_visionzip import LlavaVisionZipConfig
 
-__all__ = ["LlavaVisionZipConfig"]
+__all__ = ["LlavaTrimConfig", "LlavaVisionZipConfig"]
