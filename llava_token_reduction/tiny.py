@@ -54,6 +54,9 @@ class TinyShape:
     text_kv_heads: int = 2
     clip_text_hidden: int = 32
     clip_text_layers: int = 2
+    # Wider than transformers' default 0.02 so that a random language model's next token depends on its
+    # input: tests that compare generated tokens could not fail otherwise.
+    text_initializer_range: float = 0.3
 
     @property
     def patches(self) -> int:
@@ -127,7 +130,7 @@ def llava_config_kwargs(shape: TinyShape = TEST_SHAPE, tokenizer=None) -> dict:
         hidden_size=shape.text_hidden, intermediate_size=3 * shape.text_hidden, num_hidden_layers=shape.text_layers,
         num_attention_heads=shape.text_heads, num_key_value_heads=shape.text_kv_heads, vocab_size=len(tokenizer),
         max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=shape.text_initializer_range,
     )
     return dict(
         vision_config=vision_config, text_config=text_config,
