@@ -14,6 +14,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 
 from .checkpoint_code import auto_map_entry, write_checkpoint_code
+from .reduced_generation import ReducedGenerationMixin
 
 
 def register_llava_weight_renames(outer_class_name: str, inner_class_name: str) -> None:
@@ -88,11 +89,12 @@ def capture_outputs_of(modules: dict[str, nn.Module]):
             handle.remove()
 
 
-class ReducedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class ReducedLlavaForConditionalGeneration(ReducedGenerationMixin, LlavaForConditionalGeneration):
     """LLaVA whose inner model reduces each image's tokens; the base of the public model classes.
 
     Subclasses set `config_class` and `inner_model_class`. The inner model's `get_image_features`
-    returns one `[k_i, text_hidden]` tensor per image.
+    returns one `[k_i, text_hidden]` tensor per image; `ReducedGenerationMixin` makes `generate` and
+    `forward` accept prompts expanded by the stock processor.
     """
 
     inner_model_class: type = None
