@@ -1,0 +1,180 @@
+"""Shared fixtures: tiny random-weight LLaVA models, saved checkpoints and an isolated-process runner.
+
+Everything is built offline from configs (`llava_token_reduction.tiny`), so nothing here touches the network.
+Fixtures that build or save models are session-scoped; treat the objects they return as read-only (build
+your own with the `make_*` factories when a test needs to change a config or weights).
+
+Overview
+--------
+- `tiny_shape`                  the `TinyShape` of every tiny model (56px images, patch 7: 64 patches + CLS).
+- `make_llava_config(**kw)`     a fresh stock `LlavaConfig`; `kw` override the tiny defaults.
+- `make_visionzip_config(**kw)` a fresh `LlavaVisionZipConfig` (default budget 10+4 here).
+- `make_visionzip_model(seed=0, spread=True, **config_kw)`
+                                a fresh fp32 eval `LlavaVisionZipForConditionalGeneration`; `spread=True`
+                                redraws the vision tower with `spread_vision_weights` (peaked attention).
+- `spread_vision_weights(module, seed)`
+                                redraws a module's weights with large, seeded values so that CLS attention is
+                                far from uniform and top-k / argmax choices have clear margins.
+- `make_pixel_values(batch=1, size=None, seed=0)`
+                                seeded `[batch, 3, size, size]` fp32 pixels (size defaults to the tiny image).
+- `tiny_processor`              a stock `LlavaProcessor` for the tiny shape (64 placeholders per image).
+- `stock_llava_model` / `stock_llava_dir`
+                                a stock `LlavaForConditionalGeneration` and its saved checkpoint + processor.
+- `visionzip_model` / `visionzip_checkpoint_dir`
+                                a VisionZip model (10+4, spread weights) and its `save_pretrained` directory
+                                (with the processor).
+- `run_isolated_python(script, workdir)`
+                                runs a Python script in a fresh process with `HF_HUB_OFFLINE=1`, a private
+                                `HF_MODULES_CACHE` and `llava_token_reduction` made unimportable.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from llava_token_reduction import LlavaVisionZipConfig, LlavaVisionZipForConditionalGeneration
+from llava_token_reduction.tiny import TEST_SHAPE, build_processor, llava_config_kwargs
+
+
+# The budget of the shared VisionZip fixtures: 10 kept (CLS + 9 patches) + 4 merged = 14 tokens per image.
+VISIONZIP_TEST_BUDGET = {"dominant_tokens": 10, "contextual_tokens": 4}
+
+
+def _spread_vision_weights(module: torch.nn.Module, seed: int = 1, std: float = 0.25) -> torch.nn.Module:
+    """Redraw every parameter of `module` (in place, seeded): layer norms near identity, embeddings with
+    std 0.5, everything else (projections, biases) with `std`. Default initialisation makes CLS attention
+    almost uniform, so score gaps are ~1e-7 and any two correct implementations may pick different tokens;
+    these weights give gaps of ~1e-2 at the selection boundaries."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+            if "layer_norm" in name or "layrnorm" in name:
+                value = (1.0 if name.endswith("weight") else 0.0) + 0.1 * noise
+            elif "embedding" in name:
+                value = 0.5 * noise
+            else:
+                value = std * noise
+            parameter.copy_(value.to(parameter.dtype))
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_shape():
+    return TEST_SHAPE
+
+
+@pytest.fixture(scope="session")
+def spread_vision_weights():
+    return _spread_vision_weights
+
+
+@pytest.fixture(scope="session")
+def make_llava_config():
+    def make(**overrides) -> LlavaConfig:
+        return LlavaConfig(**{**llava_config_kwargs(), **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_visionzip_config():
+    def make(**overrides) -> LlavaVisionZipConfig:
+        return LlavaVisionZipConfig(**{**llava_config_kwargs(), **VISIONZIP_TEST_BUDGET, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_visionzip_model(make_visionzip_config):
+    def make(seed: int = 0, spread: bool = True, **config_overrides) -> LlavaVisionZipForConditionalGeneration:
+        torch.manual_seed(seed)
+        model = LlavaVisionZipForConditionalGeneration(make_visionzip_config(**config_overrides))
+        if spread:
+            _spread_vision_weights(model.model.vision_tower, seed=seed + 1)
+        return model.eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_pixel_values(tiny_shape):
+    def make(batch: int = 1, size: int | None = None, seed: int = 0) -> torch.Tensor:
+        size = size or tiny_shape.image_size
+        return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    return build_processor()
+
+
+@pytest.fixture(scope="session")
+def stock_llava_model(make_llava_config):
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(make_llava_config())
+    _spread_vision_weights(model.model.vision_tower, seed=1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def stock_llava_dir(stock_llava_model, tiny_processor, tmp_path_factory):
+    path = tmp_path_factory.mktemp("stock_llava")
+    stock_llava_model.save_pretrained(path)
+    tiny_processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def visionzip_model(make_visionzip_model):
+    return make_visionzip_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def visionzip_checkpoint_dir(visionzip_model, tiny_processor, tmp_path_factory):
+    path = tmp_path_factory.mktemp("visionzip_checkpoint")
+    visionzip_model.save_pretrained(path)
+    tiny_processor.save_pretrained(path)
+    return path
+
+
+_ISOLATION_PREAMBLE = """\
+import sys
+sys.modules["llava_token_reduction"] = None  # the package must not be needed to load a checkpoint
+"""
+
+
+@pytest.fixture(scope="session")
+def run_isolated_python():
+    """`run(script, workdir, timeout=120)`: write `script` (dedented) to `workdir/child.py` behind a preamble
+    that blocks `import llava_token_reduction`, run it from `workdir` with `HF_HUB_OFFLINE=1` and
+    `HF_MODULES_CACHE=workdir/modules`, and return the `CompletedProcess`. Fails the test (showing the
+    child's output) if the exit status is not 0."""
+
+    def run(script: str, workdir, timeout: float = 120) -> subprocess.CompletedProcess:
+        workdir = os.fspath(workdir)
+        path = os.path.join(workdir, "child.py")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(_ISOLATION_PREAMBLE + textwrap.dedent(script))
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_MODULES_CACHE": os.path.join(workdir, "modules"),
+            "PYTHONPATH": "",
+        }
+        result = subprocess.run(
+            [sys.executable, path], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if result.returncode != 0:
+            pytest.fail(f"isolated child failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    return run
