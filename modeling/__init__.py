@@ -1,3 +1,11 @@
+from .modeling_llava_trim import LlavaTrimForConditionalGeneration, LlavaTrimModel
 from .modeling_llava_visionzip import LlavaVisionZipForConditionalGeneration, LlavaVisionZipModel
+from .processing_llava_trim import LlavaTrimProcessor
 
-__all__ = ["LlavaVisionZipModel", "LlavaVisionZipForConditionalGeneration"]
+__all__ = [
+    "LlavaVisionZipModel",
+    "LlavaVisionZipForConditionalGeneration",
+    "LlavaTrimModel",
+    "LlavaTrimForConditionalGeneration",
+    "LlavaTrimProcessor",
+]
