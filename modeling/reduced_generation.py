@@ -102,10 +102,15 @@ class ReducedGenerationMixin:
             )
         cached_images = sum(len(row) for row in cached_counts)
         given_images = 0 if pixel_values is None else len(pixel_values)
-        spans = find_image_spans(
-            input_ids, self.config.image_token_id, self._placeholder_sizes(),
-            allowed_totals={given_images, cached_images + given_images},
-        )
+        try:
+            spans = find_image_spans(
+                input_ids, self.config.image_token_id, self._placeholder_sizes(),
+                allowed_totals={given_images, cached_images + given_images},
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"{error} `pixel_values` has {given_images} image(s); the cache holds {cached_images}."
+            ) from None
         is_new = []
         for row, (row_spans, row_cached) in enumerate(zip(spans, cached_counts)):
             if len(row_spans) < len(row_cached):
