@@ -45,21 +45,27 @@ from llava_token_reduction.tiny import TEST_SHAPE, build_processor, llava_config
 VISIONZIP_TEST_BUDGET = {"dominant_tokens": 10, "contextual_tokens": 4}
 
 
-def _spread_vision_weights(module: torch.nn.Module, seed: int = 1, std: float = 0.25) -> torch.nn.Module:
-    """Redraw every parameter of `module` (in place, seeded): layer norms near identity, embeddings with
-    std 0.5, everything else (projections, biases) with `std`. Default initialisation makes CLS attention
-    almost uniform, so score gaps are ~1e-7 and any two correct implementations may pick different tokens;
-    these weights give gaps of ~1e-2 at the selection boundaries."""
+def _spread_vision_weights(module: torch.nn.Module, seed: int = 1, qk_gain: float = 2.5) -> torch.nn.Module:
+    """Redraw every parameter of `module` in place (seeded) so that its activations stay near unit scale
+    while CLS attention is peaked.
+
+    Default initialisation makes CLS attention almost uniform: score gaps are ~1e-7, so any two correct
+    implementations may pick different tokens. Here weights get std `1/sqrt(fan_in)` (`qk_gain` times that
+    for `q_proj`/`k_proj`, which sharpens attention), biases and embeddings small random values, and layer
+    norms stay near identity; score gaps at the selection boundaries become ~1e-3 or larger."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in module.named_parameters():
             noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
             if "layer_norm" in name or "layrnorm" in name:
                 value = (1.0 if name.endswith("weight") else 0.0) + 0.1 * noise
-            elif "embedding" in name:
+            elif "position_embedding" in name or "class_embedding" in name:
                 value = 0.5 * noise
-            else:
-                value = std * noise
+            elif parameter.ndim >= 2:  # linear and patch-convolution weights
+                gain = qk_gain if ("q_proj" in name or "k_proj" in name) else 1.0
+                value = noise * gain / parameter[0].numel() ** 0.5
+            else:  # biases
+                value = 0.1 * noise
             parameter.copy_(value.to(parameter.dtype))
     return module
 
