@@ -12,7 +12,13 @@ import numbers
 def check_int(field: str, value, minimum: int | None = None, maximum: int | None = None) -> None:
     """Reject non-integers (``bool`` included) and integers outside ``[minimum, maximum]``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"`{field}` must be an int, got {value!r} ({type(value).__name__})")
+        # Name the allowed range here too: the contract wants field, value and range in every message.
+        bounds = [f">= {minimum}" if minimum is not None else "", f"<= {maximum}" if maximum is not None else ""]
+        allowed = " and ".join(bound for bound in bounds if bound)
+        raise ValueError(
+            f"`{field}` must be an int{' ' + allowed if allowed else ''} (not a bool or float), "
+            f"got {value!r} ({type(value).__name__})"
+        )
     if minimum is not None and value < minimum:
         raise ValueError(f"`{field}` must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
