@@ -11,8 +11,8 @@
 
 The CLIP text tower and `visual_projection` are not part of stock LLaVA checkpoints: loading one of those
 reports exactly those keys (`model.clip_text_model.*`, `model.visual_projection.weight`) as missing and
-randomly initialised; the converter (`convert trim SRC OUT --clip CLIP_SRC`) fills them from the CLIP
-checkpoint of the vision tower, whose `text_model.*`, `text_projection.weight` and `visual_projection.weight`
+randomly initialised; `model.model.load_clip_text_weights(clip_model.state_dict())` (used by
+`convert trim SRC OUT --clip CLIP_SRC`) fills them from the CLIP checkpoint of the vision tower, whose `text_model.*`, `text_projection.weight` and `visual_projection.weight`
 map one to one onto `clip_text_model.text_model.*`, `clip_text_model.text_projection.weight` and
 `visual_projection.weight`.
 """
@@ -139,6 +139,30 @@ class LlavaTrimModel(LlavaModel):
                 f"`clip_attention_mask` must have the shape of `clip_input_ids` {tuple(clip_input_ids.shape)}, "
                 f"got {tuple(clip_attention_mask.shape)}"
             )
+
+    def load_clip_text_weights(self, clip_state_dict: dict[str, torch.Tensor]) -> None:
+        """Fill `clip_text_model` and `visual_projection` from the state dict of a transformers `CLIPModel`
+        (keys `text_model.*`, `text_projection.weight`, `visual_projection.weight`; `vision_model.*`, `logit_scale`
+        and anything else are ignored) — the modules a stock LLaVA checkpoint lacks. Raises `ValueError` naming
+        the keys that are missing or do not fit."""
+        text = {k: v for k, v in clip_state_dict.items() if k.startswith(("text_model.", "text_projection."))}
+        projection = {k[len("visual_projection.") :]: v for k, v in clip_state_dict.items()
+                      if k.startswith("visual_projection.")}
+        problems = []
+        for module, weights, prefix in ((self.clip_text_model, text, ""), (self.visual_projection, projection,
+                                                                           "visual_projection.")):
+            expected = module.state_dict()
+            missing = sorted(prefix + k for k in expected if k not in weights)
+            wrong = sorted(prefix + k for k in expected if k in weights and weights[k].shape != expected[k].shape)
+            problems += [f"missing {missing}"] if missing else []
+            problems += [f"shape mismatch {wrong}"] if wrong else []
+        if problems:
+            raise ValueError(f"the CLIP state dict does not fit this model's CLIP text tower: {'; '.join(problems)}")
+        with torch.no_grad():
+            self.clip_text_model.load_state_dict(
+                {k: v for k, v in text.items() if k in self.clip_text_model.state_dict()}, strict=True
+            )
+            self.visual_projection.load_state_dict(projection, strict=True)
 
     # Features ---------------------------------------------------------------------------------------
 

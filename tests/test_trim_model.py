@@ -303,3 +303,21 @@ def test_device_map_auto_with_disk_offload_bf16(trim_checkpoint_dir, clip_inputs
     for mine, ref in zip(got.pooler_output, expected.pooler_output):
         assert mine.abs().sum() > 0  # not the zeros of meta-weight arithmetic
         torch.testing.assert_close(mine.cpu(), ref, rtol=0, atol=0)
+
+
+def test_load_clip_text_weights_from_a_clip_model(make_trim_model):
+    from transformers import CLIPConfig, CLIPModel
+
+    model = make_trim_model()
+    vision = model.config.vision_config
+    clip = CLIPModel(CLIPConfig(text_config=clip_text_config().to_dict(), vision_config=vision.to_dict(),
+                                projection_dim=TEST_SHAPE.projection_dim)).eval()
+    model.model.load_clip_text_weights(clip.state_dict())
+    ids = torch.randint(0, 100, (2, 77))
+    with torch.no_grad():
+        torch.testing.assert_close(model.model.clip_text_model(input_ids=ids).text_embeds,
+                                   clip.get_text_features(input_ids=ids).pooler_output)
+        torch.testing.assert_close(model.model.visual_projection.weight, clip.visual_projection.weight)
+    partial = {k: v for k, v in clip.state_dict().items() if k != "visual_projection.weight"}
+    with pytest.raises(ValueError, match="visual_projection.weight"):
+        model.model.load_clip_text_weights(partial)
