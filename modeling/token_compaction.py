@@ -45,13 +45,15 @@ class CompactionPlan:
         )
 
 
-def placeholder_runs(row: torch.Tensor, image_token_id: int) -> list[ImageSpan]:
-    """Maximal runs of `image_token_id` in a 1-D row of ids."""
-    is_image = (row == image_token_id).to(torch.int8)
-    if not bool(is_image.any()):
-        return []
-    edges = torch.diff(torch.nn.functional.pad(is_image, (1, 1))).nonzero().flatten().tolist()
-    return [ImageSpan(start, end - start) for start, end in zip(edges[0::2], edges[1::2])]
+def placeholder_runs(input_ids: torch.Tensor, image_token_id: int) -> list[list[ImageSpan]]:
+    """Per row of `[B, L]` ids, the maximal runs of `image_token_id` (one device sync for the batch)."""
+    is_image = (input_ids == image_token_id).to(torch.int8)
+    # +1 where a run starts, -1 just past where it ends; row-major order pairs each start with its end.
+    edges = torch.diff(torch.nn.functional.pad(is_image, (1, 1)), dim=1).nonzero().tolist()
+    runs: list[list[ImageSpan]] = [[] for _ in range(input_ids.shape[0])]
+    for (row, start), (_, end) in zip(edges[0::2], edges[1::2]):
+        runs[row].append(ImageSpan(start, end - start))
+    return runs
 
 
 def split_runs(runs: list[ImageSpan], tokens_per_image: int) -> list[ImageSpan] | None:
@@ -83,7 +85,7 @@ def find_image_spans(
     Raises:
         ValueError: placeholders that are no whole number of images at any candidate size.
     """
-    runs = [placeholder_runs(row, image_token_id) for row in input_ids.cpu()]
+    runs = placeholder_runs(input_ids, image_token_id)
     counts = [sum(run.length for run in row) for row in runs]
     for size in dict.fromkeys(candidate_sizes):
         spans = [split_runs(row, size) for row in runs]
@@ -127,11 +129,11 @@ def compact_rows(
     compact_length = int(row_lengths.max()) if batch else 0
     padding = compact_length - row_lengths
     # Each kept token moves to its rank among the row's kept tokens, shifted right by the row's padding.
-    destination = keep.cumsum(dim=1) - 1 + padding.unsqueeze(1)
-    rows = torch.arange(batch, device=reference.device).unsqueeze(1).expand(batch, length)
+    kept_rows, kept_columns = keep.nonzero(as_tuple=True)
+    destination = (keep.cumsum(dim=1) - 1 + padding.unsqueeze(1))[kept_rows, kept_columns]
     compact = {}
     for name, tensor in tensors.items():
         out = tensor.new_full((batch, compact_length), fill_values[name])
-        out[rows[keep], destination[keep]] = tensor[keep]
+        out[kept_rows, destination] = tensor[kept_rows, kept_columns]
         compact[name] = out
     return compact, padding.tolist()
