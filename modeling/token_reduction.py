@@ -66,14 +66,38 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 # Merging ---------------------------------------------------------------------------------------------
 
 
+def contextual_targets_and_owners(rest_keys: torch.Tensor, contextual_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where VisionZip's contextual merge puts each not-kept token (the merge without the arithmetic).
+
+    Targets are a 1-D stride over the `R` remaining tokens (`step = max(1, R // C)`, first `C` positions);
+    every other token (a *source*) belongs to the target whose normalised key is most similar (first
+    maximum wins).
+
+    Args:
+        rest_keys: `[B, R, d]`, head-mean keys of the not-kept tokens in raster order.
+        contextual_tokens: `C`, with `1 <= C <= R`.
+
+    Returns:
+        `target_mask`: `[R]` bool, True at the target positions (the same for every image).
+        `owner`: `[B, R - C]` long, for each source in order, the index (`0..C-1`) of its target.
+    """
+    remaining = rest_keys.shape[1]
+    step = max(1, remaining // contextual_tokens)
+    target_mask = torch.zeros(remaining, dtype=torch.bool, device=rest_keys.device)
+    target_mask[torch.arange(contextual_tokens, device=rest_keys.device) * step] = True
+    # The released code divides by the raw norm; a floor only matters for an all-zero key (NaN otherwise).
+    unit_keys = F.normalize(rest_keys.float(), dim=-1, eps=1e-12)
+    similarity = unit_keys[:, ~target_mask] @ unit_keys[:, target_mask].transpose(1, 2)  # [B, S, C]
+    return target_mask, similarity.argmax(dim=-1)
+
+
 def merge_into_contextual_tokens(
     rest_tokens: torch.Tensor, rest_keys: torch.Tensor, contextual_tokens: int
 ) -> torch.Tensor:
     """VisionZip's contextual merge of the tokens that were not kept.
 
-    Targets are a 1-D stride over the remaining tokens (`step = max(1, R // C)`, first `C` positions);
-    every other token joins the target whose normalised key is most similar (first maximum wins), and each
-    contextual token is `target + mean(members)` (a member-less target stays itself).
+    Each contextual token is `target + mean(members)` (a member-less target stays itself), with targets and
+    members from `contextual_targets_and_owners`.
 
     Args:
         rest_tokens: `[B, R, D]`, the not-kept tokens in raster order.
@@ -86,14 +110,8 @@ def merge_into_contextual_tokens(
     batch, remaining, width = rest_tokens.shape
     if contextual_tokens == 0:
         return rest_tokens.new_zeros(batch, 0, width, dtype=torch.float32)
-    step = max(1, remaining // contextual_tokens)
-    target_mask = torch.zeros(remaining, dtype=torch.bool, device=rest_tokens.device)
-    target_mask[torch.arange(contextual_tokens, device=rest_tokens.device) * step] = True
-    # The released code divides by the raw norm; a floor only matters for an all-zero key (NaN otherwise).
-    unit_keys = F.normalize(rest_keys.float().to(rest_tokens.device), dim=-1, eps=1e-12)
+    target_mask, owner = contextual_targets_and_owners(rest_keys.to(rest_tokens.device), contextual_tokens)
     tokens = rest_tokens.float()
-    similarity = unit_keys[:, ~target_mask] @ unit_keys[:, target_mask].transpose(1, 2)  # [B, S, C]
-    owner = similarity.argmax(dim=-1)  # [B, S]
     member_sum = tokens.new_zeros(batch, contextual_tokens, width)
     member_sum.scatter_add_(1, owner.unsqueeze(-1).expand(-1, -1, width), tokens[:, ~target_mask])
     member_count = tokens.new_zeros(batch, contextual_tokens).scatter_add_(1, owner, tokens.new_ones(owner.shape))
@@ -101,6 +119,40 @@ def merge_into_contextual_tokens(
 
 
 # Whole methods ---------------------------------------------------------------------------------------
+
+
+def dominant_keep_mask(cls_attention: torch.Tensor, dominant_tokens: int) -> torch.Tensor:
+    """VisionZip's dominant selection as a `[B, N]` bool mask: CLS (index 0, counted in the budget) plus the
+    `dominant_tokens - 1` patches with the largest CLS attention."""
+    batch, tokens = cls_attention.shape
+    keep_mask = torch.zeros(batch, tokens, dtype=torch.bool, device=cls_attention.device)
+    keep_mask[:, 0] = True  # CLS counts toward the dominant budget
+    if dominant_tokens > 1:
+        patch_indices = cls_attention[:, 1:].topk(dominant_tokens - 1, dim=-1).indices + 1
+        keep_mask.scatter_(1, patch_indices, True)
+    return keep_mask
+
+
+def visionzip_assignment(
+    cls_attention: torch.Tensor, mean_keys: torch.Tensor, dominant_tokens: int, contextual_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which token goes where in `visionzip_reduce`, without computing the tokens (for pictures and analysis).
+
+    Args: as `visionzip_reduce` (no hidden states needed).
+
+    Returns:
+        `kept`: `[B, dominant_tokens]` ascending sequence positions of CLS and the dominant patches.
+        `rest`: `[B, R]` ascending positions of the other tokens.
+        `group`: `[B, R]` long, for each `rest` token the contextual token (`0..C-1`, target order) it is
+            merged into (a target belongs to its own group); all `-1` when `contextual_tokens == 0`.
+    """
+    kept, rest = split_kept_and_rest(dominant_keep_mask(cls_attention, dominant_tokens))
+    group = torch.full(rest.shape, -1, dtype=torch.long, device=rest.device)
+    if contextual_tokens > 0:
+        target_mask, owner = contextual_targets_and_owners(gather_tokens(mean_keys.to(rest.device), rest), contextual_tokens)
+        group[:, target_mask] = torch.arange(contextual_tokens, device=rest.device)
+        group[:, ~target_mask] = owner
+    return kept, rest, group
 
 
 def visionzip_reduce(
@@ -126,15 +178,8 @@ def visionzip_reduce(
         `[B, dominant_tokens + contextual_tokens, D]` in `hidden_states.dtype`: CLS, dominant patches,
         contextual tokens.
     """
-    batch, tokens, _ = hidden_states.shape
     device = hidden_states.device
-    cls_attention = cls_attention.to(device)
-    keep_mask = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
-    keep_mask[:, 0] = True  # CLS counts toward the dominant budget
-    if dominant_tokens > 1:
-        patch_indices = cls_attention[:, 1:].topk(dominant_tokens - 1, dim=-1).indices + 1
-        keep_mask.scatter_(1, patch_indices, True)
-    kept, rest = split_kept_and_rest(keep_mask)
+    kept, rest = split_kept_and_rest(dominant_keep_mask(cls_attention.to(device), dominant_tokens))
     dominant = gather_tokens(hidden_states, kept)
     contextual = merge_into_contextual_tokens(
         gather_tokens(hidden_states, rest), gather_tokens(mean_keys.to(device), rest), contextual_tokens
