@@ -1,0 +1,173 @@
+"""TRIM through the shared generation mechanism: per-image token counts that differ, the question of the
+turn that brings each image, multi-turn cache reuse and the pipeline.
+
+Reference: stock `LlavaForConditionalGeneration` with the same weights on a prompt with exactly `k_i`
+placeholders per image, the TRIM features placed there.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LlavaConfig, LlavaForConditionalGeneration, pipeline
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from llava_token_reduction import LlavaTrimConfig, LlavaTrimForConditionalGeneration, LlavaTrimProcessor
+from llava_token_reduction.modeling.reduced_generation import PLAN_ATTRIBUTE
+from llava_token_reduction.tiny import (
+    LLAVA_CHAT_TEMPLATE,
+    TEST_SHAPE,
+    build_clip_tokenizer,
+    build_image_processor,
+    build_llm_tokenizer,
+    clip_text_config,
+    llava_config_kwargs,
+)
+
+
+NEW_TOKENS = 5
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return LlavaTrimProcessor(
+        image_processor=build_image_processor(), tokenizer=build_llm_tokenizer(), clip_tokenizer=build_clip_tokenizer(),
+        patch_size=TEST_SHAPE.patch_size, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="module")
+def model(processor, spread_vision_weights):
+    torch.manual_seed(0)
+    config = LlavaTrimConfig(**llava_config_kwargs(tokenizer=processor.tokenizer), clip_text_config=clip_text_config(),
+                             projection_dim=TEST_SHAPE.projection_dim)
+    model = LlavaTrimForConditionalGeneration(config)
+    for module in (model.model.vision_tower, model.model.visual_projection, model.model.clip_text_model):
+        spread_vision_weights(module, seed=1)
+    model.generation_config.suppress_tokens = [config.image_token_id]
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    stock = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs(tokenizer=build_llm_tokenizer())))
+    stock.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not k.startswith(("model.clip_text_model", "model.visual_projection"))})
+    stock.generation_config.suppress_tokens = [model.config.image_token_id]
+    return stock.eval()
+
+
+def picture(seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8"))
+
+
+def reference_continuation(model, reference, processor, prompt, images):
+    inputs = processor(images=images, text=[prompt], return_tensors="pt")
+    features = model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], clip_input_ids=inputs["clip_input_ids"],
+        clip_attention_mask=inputs["clip_attention_mask"],
+    ).pooler_output
+    pieces = prompt.split("<image>")
+    text = pieces[0] + "".join("<image>" * len(f) + piece for f, piece in zip(features, pieces[1:]))
+    ids = processor.tokenizer(text, return_tensors="pt").input_ids
+    out = reference.generate(input_ids=ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))},
+                             max_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[0, ids.shape[1]:].tolist(), [len(f) for f in features]
+
+
+PROMPTS = [
+    "USER: <image>\nwhat color is the car? ASSISTANT:",
+    "USER: <image>\nhow many dogs are sitting on the grass near the red house? ASSISTANT:",
+    "USER: <image>\nCompare this<image>\nwith that one. ASSISTANT:",
+]
+
+
+@pytest.mark.parametrize("index", range(len(PROMPTS)))
+def test_generate_matches_stock_llava_on_the_reduced_prompt(model, reference, processor, index):
+    prompt = PROMPTS[index]
+    images = [picture(index * 10 + i) for i in range(prompt.count("<image>"))]
+    inputs = processor(images=images, text=[prompt], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    expected, _ = reference_continuation(model, reference, processor, prompt, images)
+    assert out[0, inputs["input_ids"].shape[1]:].tolist() == expected
+
+
+def test_batch_with_different_counts_equals_prompts_alone(model, reference, processor):
+    images = [[picture(1)], [picture(2)], [picture(3), picture(4)]]
+    inputs = processor(images=[i for g in images for i in g], text=PROMPTS, return_tensors="pt", padding=True)
+    counts = [len(f) for f in model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], clip_input_ids=inputs["clip_input_ids"],
+        clip_attention_mask=inputs["clip_attention_mask"]).pooler_output]
+    assert len(set(counts)) > 1, f"the test needs images that keep different counts, got {counts}"
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    for row, (prompt, group) in enumerate(zip(PROMPTS, images)):
+        expected, _ = reference_continuation(model, reference, processor, prompt, group)
+        assert out[row, inputs["input_ids"].shape[1]:].tolist() == expected, f"row {row}"
+
+
+def test_multi_turn_keeps_each_images_question_and_reuses_the_cache(model, processor):
+    first_turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the car?"}]}]
+    prompt_one = processor.apply_chat_template(first_turn, add_generation_prompt=True)
+    inputs = processor(images=[picture(7)], text=[prompt_one], return_tensors="pt")
+    first = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
+
+    # The contract's history: the previous output unchanged, then the new turn (here with a new image).
+    new_turn = processor(images=[picture(8)], text=[" USER: <image>\nand how many dogs are there? ASSISTANT:"],
+                         return_tensors="pt", add_special_tokens=False)
+    questions = processor.clip_tokenizer.batch_decode(new_turn["clip_input_ids"], skip_special_tokens=True)
+    assert "dogs" in questions[0] and "car" not in questions[0]
+    history = torch.cat([first.sequences, new_turn["input_ids"]], dim=1)
+    all_images = {
+        "pixel_values": torch.cat([inputs["pixel_values"], new_turn["pixel_values"]]),
+        "clip_input_ids": torch.cat([inputs["clip_input_ids"], new_turn["clip_input_ids"]]),
+        "clip_attention_mask": torch.cat([inputs["clip_attention_mask"], new_turn["clip_attention_mask"]]),
+    }
+    calls = []
+    handle = model.model.vision_tower.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        continued = model.generate(input_ids=history, **all_images, past_key_values=first.past_key_values,
+                                   max_new_tokens=NEW_TOKENS, do_sample=False)
+    finally:
+        handle.remove()
+    assert calls == [1], "the cached image must not be reduced again"
+    plan = getattr(first.past_key_values, PLAN_ATTRIBUTE)
+    assert len(plan.kept_tokens[0]) == 2
+
+    # From scratch, each image with the question of its own turn.
+    scratch = model.generate(input_ids=history, **all_images, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert continued[0, history.shape[1]:].tolist() == scratch[0, history.shape[1]:].tolist()
+    first_kept = model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], clip_input_ids=inputs["clip_input_ids"],
+        clip_attention_mask=inputs["clip_attention_mask"]).pooler_output[0].shape[0]
+    assert plan.kept_tokens[0][0] == first_kept, "the first image keeps the count chosen with its own question"
+
+
+def test_pipeline_chat_and_batch(model, processor, tmp_path):
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    pipe = pipeline("image-text-to-text", model=str(tmp_path), trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": picture(11)},
+                                              {"type": "text", "text": "what is on the table?"}]}]
+    result = pipe(text=messages, max_new_tokens=NEW_TOKENS, do_sample=False, return_full_text=False)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[picture(11)], text=[prompt], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert result[0]["generated_text"] == processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    prompts = PROMPTS[:2]
+    batch = pipe(images=[picture(12), picture(13)], text=prompts, max_new_tokens=NEW_TOKENS, do_sample=False,
+                 return_full_text=False, batch_size=2)
+    for result, prompt, seed in zip(batch, prompts, (12, 13)):
+        result = result[0] if isinstance(result, list) else result
+        single = processor(images=[picture(seed)], text=[prompt], return_tensors="pt")
+        out = model.generate(**single, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert result["generated_text"] == processor.tokenizer.decode(out[0, single["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_missing_clip_inputs_raise_before_compute(model, processor):
+    inputs = processor(images=[picture(1)], text=[PROMPTS[0]], return_tensors="pt")
+    with pytest.raises(ValueError, match="clip_input_ids"):
+        model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=2)
