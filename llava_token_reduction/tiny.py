@@ -71,10 +71,11 @@ DEMO_SHAPE = TinyShape(
 )
 
 
-def build_llm_tokenizer() -> PreTrainedTokenizerFast:
+def build_llm_tokenizer(with_image_token: bool = True) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (one token per byte, no merges) with Llama's special tokens and `<image>`.
-    Decoding is exact, so prompts round-trip through encode/decode."""
-    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+    Decoding is exact, so prompts round-trip through encode/decode. `with_image_token=False` leaves `<image>`
+    out, like the tokenizers of original LLaVA-codebase checkpoints."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>"] + ([IMAGE_TOKEN] if with_image_token else [])
     vocab = {token: index for index, token in enumerate(specials)}
     for character in BYTE_ALPHABET:
         vocab[character] = len(vocab)
@@ -86,7 +87,7 @@ def build_llm_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left",
+        extra_special_tokens={"image_token": IMAGE_TOKEN} if with_image_token else {}, padding_side="left",
     )
     return tokenizer
 
