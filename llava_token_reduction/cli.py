@@ -23,6 +23,7 @@ PROG = "llava-token-reduction"
 # Modules that each register one subcommand, in the order they appear in `--help`.
 COMMAND_MODULES = (
     "llava_token_reduction.demo",
+    "llava_token_reduction.conversion.cli",
 )
 
 
