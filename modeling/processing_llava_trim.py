@@ -234,9 +234,12 @@ class LlavaTrimProcessor(LlavaProcessor):
         """
         output = super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
         prompts = None if text is None else ([text] if isinstance(text, str) else list(text))
-        num_images = len(make_flat_list_of_images(images)) if images is not None else 0
+        # Count from the prompts when there are any: `images` may still be URLs or paths here (the pipeline passes
+        # chat images as given), which `make_flat_list_of_images` rejects.
         if prompts is not None:
             num_images = sum(prompt.count(self.image_token) for prompt in prompts)
+        else:
+            num_images = len(make_flat_list_of_images(images)) if images is not None else 0
         questions = self._resolve_questions(prompts, num_images, clip_text)
         return_tensors = kwargs.get("return_tensors")
         for group in ("text_kwargs", "common_kwargs"):
