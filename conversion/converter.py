@@ -428,6 +428,8 @@ class _Conversion:
         skipped = {"model_type", "architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype",
                    "auto_map", "id2label", "label2id"}
         text_kwargs = {k: v for k, v in config.items() if k in allowed and k not in skipped}
+        if text_kwargs.get("rope_scaling", 0) is None:
+            del text_kwargs["rope_scaling"]  # LLaVA-1.5 writes null; transformers 5 deprecates the field
         text_config = LlamaConfig(**text_kwargs)
         select = config.get("mm_vision_select_feature", "patch")
         if select not in ("patch", "cls_patch"):
