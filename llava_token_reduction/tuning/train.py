@@ -1,0 +1,587 @@
+"""`llava-token-reduction tune`: retrain the projector (or projector + LLM) of a VisionZip or TRIM checkpoint with
+the reduction switched on, on LLaVA instruction data.
+
+One accelerate loop runs everywhere: `llava-token-reduction tune ...` on one CPU or GPU, `accelerate launch
+-m llava_token_reduction.tuning ...` on many GPUs (DDP, or DeepSpeed ZeRO-2 with the bundled config). See
+docs/tuning.md.
+
+Output directory:
+
+    projector.safetensors     the tuned projector, keys multi_modal_projector.linear_{1,2}.{weight,bias}
+    model/                    a complete checkpoint of the same model type with it (+ processor), reloaded and
+                              compared before the command succeeds
+    checkpoints/step-N/       resumable training state (accelerate state + trainer_state.json)
+    log.jsonl                 one JSON object per optimizer step (loss, learning rate, gradient norm, ...)
+    subset.json               the records trained on (index and id), bad_records.jsonl the skipped ones
+    summary.json              what was run and what came out
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .data import PROMPT_FORMATS, DataError
+
+
+try:  # the shared command line prints these as one line without a traceback
+    from ..cli import CommandError as _CommandErrorBase
+except ImportError:  # pragma: no cover - the command line module is optional for this one
+    _CommandErrorBase = Exception
+
+
+class TuningError(_CommandErrorBase):
+    """A failure the user can act on (bad data, wrong checkpoint, incompatible resume, failed verification)."""
+
+
+PROG = "llava-token-reduction tune"
+TRAINABLE_CHOICES = ("projector", "projector+llm")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+STATE_FILE = "trainer_state.json"
+PROJECTOR_FILE = "projector.safetensors"
+PROJECTOR_PREFIX = "model.multi_modal_projector."
+
+
+# Arguments -----------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    io = parser.add_argument_group("model, data and output")
+    io.add_argument("--model", required=True, help="a llava_visionzip or llava_trim checkpoint directory (with processor)")
+    io.add_argument("--data", required=True, help="LLaVA instruction data: a JSON list or JSON Lines file")
+    io.add_argument("--image-folder", help="folder the records' `image` paths are relative to")
+    io.add_argument("--output-dir", required=True, help="where the projector, checkpoint, logs and states go")
+    io.add_argument("--dominant-tokens", type=int, help="VisionZip: override the checkpoint's dominant_tokens")
+    io.add_argument("--contextual-tokens", type=int, help="VisionZip: override the checkpoint's contextual_tokens")
+
+    data = parser.add_argument_group("data selection and encoding")
+    data.add_argument("--fraction", type=float, help="train on this fraction of the records (0.1 = the 1/10 subset)")
+    data.add_argument("--max-samples", type=int, help="train on at most this many records")
+    data.add_argument("--seed", type=int, default=0, help="seed of the subset, the data order and initialisation (0)")
+    data.add_argument("--skip-bad-records", action="store_true",
+                      help="skip records that fail the checks (counted and listed) instead of stopping")
+    data.add_argument("--skip-text-only", action="store_true", help="drop records without an image")
+    data.add_argument("--full-image-check", action="store_true",
+                      help="decode every image while checking the data (default: header check only)")
+    data.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                      help="chat-template (the processor's), llava-v1 (LLaVA-1.5 conversation format) or auto "
+                           "(the chat template when there is one)")
+    data.add_argument("--max-length", type=int, default=2048,
+                      help="longest sequence in tokens, counting full image placeholder runs (2048)")
+    data.add_argument("--image-aspect-ratio", choices=("pad", "crop"), default="pad",
+                      help="pad to square with the mean colour as LLaVA-1.5 training does (default), or crop")
+    data.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (0)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--trainable", choices=TRAINABLE_CHOICES, default="projector",
+                       help="projector (VisionZip recipe, default) or projector+llm (TRIM recipe); all else is frozen")
+    optim.add_argument("--learning-rate", "--lr", type=float, default=2e-5, help="peak learning rate (2e-5)")
+    optim.add_argument("--weight-decay", type=float, default=0.0)
+    optim.add_argument("--lr-scheduler", default="cosine",
+                       choices=("cosine", "linear", "constant", "constant_with_warmup"), help="(cosine)")
+    optim.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps spent warming up (0.03)")
+    optim.add_argument("--num-epochs", type=int, default=1)
+    optim.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --num-epochs)")
+    optim.add_argument("--per-device-batch-size", "--batch-size", type=int, default=1, dest="per_device_batch_size")
+    optim.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0: off)")
+    optim.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
+                       help="autocast precision (default: accelerate's config or environment, else no)")
+    optim.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations in backward")
+
+    state = parser.add_argument_group("checkpoints, logging and output")
+    state.add_argument("--save-steps", type=int, default=0, help="save a resumable state every N optimizer steps (0: never)")
+    state.add_argument("--save-total-limit", type=int, help="keep only the newest N states")
+    state.add_argument("--resume-from-checkpoint", metavar="DIR|latest",
+                       help="continue from a saved state (a checkpoints/step-N directory, or the newest one)")
+    state.add_argument("--logging-steps", type=int, default=1, help="print the loss every N optimizer steps (1)")
+    state.add_argument("--no-progress", action="store_true", help="no progress bar")
+    state.add_argument("--save-dtype", choices=SAVE_DTYPES, default="auto",
+                       help="dtype of the saved weights (auto: the input checkpoint's)")
+    state.add_argument("--no-verify", action="store_true", help="skip reloading the saved checkpoint to compare it")
+    return parser
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "tune", help="tune the projector (or projector + LLM) with token reduction on",
+        description="Retrain the multi-modal projector of a VisionZip or TRIM checkpoint (optionally the LLM too) "
+                    "with the reduction active, on LLaVA instruction data. Runs under `accelerate launch` as is.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llava_token_reduction.tuning", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback when the command fails")
+    return add_arguments(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line unless --traceback
+        if args.traceback:
+            raise
+        print(f"{PROG}: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return Tuner(args).run()
+    except DataError as error:
+        raise TuningError(str(error)) from None
+
+
+# Helpers -------------------------------------------------------------------------------------------------------
+
+
+def _dtype(name):
+    import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    if isinstance(name, str) and hasattr(torch, name.replace("torch.", "")):
+        value = getattr(torch, name.replace("torch.", ""))
+        if isinstance(value, torch.dtype):
+            return value
+    return torch.float32
+
+
+def tensor_digests(named_tensors, dtype) -> dict[str, str]:
+    """Per tensor, a hash of its bytes after casting to `dtype` (floating tensors only are cast)."""
+    import torch
+
+    digests = {}
+    for name, tensor in named_tensors:
+        tensor = tensor.detach()
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        data = tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        digests[name] = hashlib.blake2b(data, digest_size=16).hexdigest()
+    return digests
+
+
+def configure_trainable(model, trainable: str) -> list[str]:
+    """Freeze everything, then unfreeze the projector (and the language model and LM head). Returns the names
+    of the trainable parameters."""
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if trainable == "projector+llm":
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def _checkpoint_dirs(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+class RunLog:
+    """Loss and event records: JSON Lines on the main process, lines on stdout."""
+
+    def __init__(self, path: Path, enabled: bool, resume: bool):
+        self.enabled = enabled
+        self.handle = None
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(path, "a" if resume else "w", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        if self.handle is not None:
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+# The run -------------------------------------------------------------------------------------------------------
+
+
+class Tuner:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.output_dir = Path(args.output_dir)
+
+    def say(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message, file=sys.stdout)
+            sys.stdout.flush()
+
+    # setup ----------------------------------------------------------------------------------------------
+    def _check_args(self) -> None:
+        args = self.args
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "num_epochs", "max_length", "logging_steps"):
+            if getattr(args, name) < 1:
+                raise TuningError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.max_steps is not None and args.max_steps < 1:
+            raise TuningError(f"--max-steps must be >= 1, got {args.max_steps}")
+        if args.save_steps < 0:
+            raise TuningError(f"--save-steps must be >= 0, got {args.save_steps}")
+        if not 0 <= args.warmup_ratio < 1:
+            raise TuningError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+        if not Path(args.model).is_dir():
+            raise TuningError(f"--model must be a local checkpoint directory, got {args.model}")
+
+    def _load_model(self):
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        import llava_token_reduction  # noqa: F401 - registers the model types
+
+        from ..modeling.modeling_reduced_llava import ReducedLlavaForConditionalGeneration
+
+        args = self.args
+        source_config = AutoConfig.from_pretrained(args.model)
+        if source_config.model_type not in ("llava_visionzip", "llava_trim"):
+            raise TuningError(
+                f"--model must be a llava_visionzip or llava_trim checkpoint, got model type "
+                f"{source_config.model_type!r}; convert it first (`llava-token-reduction convert visionzip|trim ...`)"
+            )
+        overrides = {}
+        for name in ("dominant_tokens", "contextual_tokens"):
+            if getattr(args, name) is not None:
+                if source_config.model_type != "llava_visionzip":
+                    raise TuningError(f"--{name.replace('_', '-')} applies to VisionZip checkpoints only")
+                overrides[name] = getattr(args, name)
+        self.save_dtype = _dtype(getattr(source_config, "dtype", None) if args.save_dtype == "auto" else args.save_dtype)
+        # fp32 master weights; --mixed-precision decides the compute precision.
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32, **overrides)
+        if not isinstance(model, ReducedLlavaForConditionalGeneration):
+            raise TuningError(f"{args.model} did not load as a token-reducing LLaVA ({type(model).__name__})")
+        processor = AutoProcessor.from_pretrained(args.model)
+        return model, processor
+
+    def _resolve_resume(self) -> Path | None:
+        value = self.args.resume_from_checkpoint
+        if not value:
+            return None
+        if value == "latest":
+            found = _checkpoint_dirs(self.output_dir)
+            if not found:
+                raise TuningError(f"--resume-from-checkpoint latest: no saved state under {self.output_dir / 'checkpoints'}")
+            return found[-1]
+        path = Path(value)
+        if not (path / STATE_FILE).is_file():
+            raise TuningError(f"--resume-from-checkpoint {path}: not a saved training state (no {STATE_FILE})")
+        return path
+
+    # main -----------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType, set_seed
+        from tqdm.auto import tqdm
+        from transformers import get_scheduler
+
+        from .data import ConversationEncoder, EpochSampler, InstructionCollator, InstructionDataset, fingerprint, load_samples
+
+        args = self.args
+        self._check_args()
+        resume_dir = self._resolve_resume()
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            step_scheduler_with_optimizer=False,
+        )
+        main_process = accelerator.is_main_process
+        set_seed(args.seed)
+        started = time.time()
+
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        model, processor = self._load_model()
+        if deepspeed and accelerator.mixed_precision in ("bf16", "fp16"):
+            # DeepSpeed keeps the module itself in half precision: frozen weights stay exact only if the input
+            # checkpoint was stored in that precision.
+            half = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
+            if self.save_dtype != half:
+                raise TuningError(
+                    f"DeepSpeed with {accelerator.mixed_precision} would round the frozen weights of this "
+                    f"{str(self.save_dtype).replace('torch.', '')} checkpoint; convert it with --dtype "
+                    f"{str(half).replace('torch.', '')} first (or train without DeepSpeed)")
+        config = model.config
+        trim = config.model_type == "llava_trim"
+        encoder = ConversationEncoder(processor, config.image_seq_length, config.image_token_id,
+                                      args.prompt_format, args.max_length)
+        samples, bad = load_samples(
+            args.data, args.image_folder, fraction=args.fraction, max_samples=args.max_samples, seed=args.seed,
+            skip_bad_records=args.skip_bad_records, skip_text_only=args.skip_text_only,
+            decode_images=args.full_image_check, encoder=encoder,
+        )
+        data_fingerprint = fingerprint(samples)
+        self.say(f"data: {len(samples)} record(s) from {args.data} ({encoder.prompt_format} prompts)"
+                 + (f", {len(bad)} bad record(s) skipped" if bad else ""))
+        if main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "subset.json").write_text(json.dumps(
+                {"data": str(args.data), "fraction": args.fraction, "max_samples": args.max_samples,
+                 "seed": args.seed, "fingerprint": data_fingerprint,
+                 "records": [{"index": s.index, "id": s.record_id} for s in samples]}) + "\n")
+            with open(self.output_dir / "bad_records.jsonl", "w", encoding="utf-8") as handle:
+                for item in bad:
+                    handle.write(json.dumps({"index": item.index, "id": item.record_id, "line": item.line,
+                                             "reason": item.reason}) + "\n")
+
+        trainable_names = configure_trainable(model, args.trainable)
+        frozen_names = {name for name, _ in model.named_parameters()} - set(trainable_names)
+        frozen_before = None
+        if main_process:
+            frozen_before = tensor_digests(
+                ((n, p) for n, p in model.named_parameters() if n in frozen_names), self.save_dtype)
+        trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total_count = sum(p.numel() for p in model.parameters())
+        self.say(f"model: {config.model_type} from {args.model}; training {args.trainable} "
+                 f"({trainable_count:,} of {total_count:,} parameters), everything else frozen")
+
+        config.text_config.use_cache = False
+        if args.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        dataset = InstructionDataset(samples, encoder, processor, trim=trim, image_aspect_ratio=args.image_aspect_ratio)
+        sampler = EpochSampler(len(dataset), args.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=args.per_device_batch_size, sampler=sampler, num_workers=args.num_workers,
+            collate_fn=InstructionCollator(config.pad_token_id if config.pad_token_id is not None else 0),
+        )
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                      weight_decay=args.weight_decay)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        batches_per_epoch = len(loader)
+        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        total_steps = args.max_steps or steps_per_epoch * args.num_epochs
+        scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
+                                  num_training_steps=total_steps)
+        scheduler = accelerator.prepare(scheduler)
+
+        if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP,
+                                                DistributedType.MEGATRON_LM):
+            accelerator.register_save_state_pre_hook(_keep_trainable_weights)
+
+        run_shape = {"data_fingerprint": data_fingerprint, "num_processes": accelerator.num_processes,
+                     "per_device_batch_size": args.per_device_batch_size,
+                     "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
+                     "trainable": args.trainable, "total_steps": total_steps}
+        global_step, epoch, batch_in_epoch = 0, 0, 0
+        if resume_dir is not None:
+            saved = json.loads((resume_dir / STATE_FILE).read_text())
+            for key, value in run_shape.items():
+                if saved["run"].get(key) != value:
+                    raise TuningError(
+                        f"cannot resume from {resume_dir}: {key} was {saved['run'].get(key)!r}, now {value!r} "
+                        "(resume with the same data, subset, seed, batch shape, processes and steps)")
+            if deepspeed:
+                accelerator.load_state(str(resume_dir), load_module_strict=False)
+            else:
+                _check_saved_weights(resume_dir, accelerator, model)
+                accelerator.load_state(str(resume_dir), strict=False)
+            global_step, epoch, batch_in_epoch = saved["global_step"], saved["epoch"], saved["batch_in_epoch"]
+            self.say(f"resumed from {resume_dir} at step {global_step} (epoch {epoch}, batch {batch_in_epoch})")
+
+        log = RunLog(self.output_dir / "log.jsonl", main_process, resume=resume_dir is not None)
+        log.write({"event": "resume" if resume_dir else "start", "step": global_step, "total_steps": total_steps,
+                   "records": len(samples), "batches_per_epoch": batches_per_epoch, "args": vars(args) | {"handler": None}})
+        self.say(f"training: {total_steps} optimizer step(s), {batches_per_epoch} batch(es) per epoch and process, "
+                 f"{accelerator.num_processes} process(es), accumulation {args.gradient_accumulation_steps}, "
+                 f"precision {accelerator.mixed_precision}")
+
+        unwrapped = accelerator.unwrap_model(model)
+        model.train()
+        unwrapped.model.vision_tower.eval()
+        if trim:
+            unwrapped.model.clip_text_model.eval()
+        projector_params = list(unwrapped.model.multi_modal_projector.parameters())
+        trainable_params = [p for p in model.parameters() if p.requires_grad]
+        progress = tqdm(total=total_steps, initial=global_step, desc="tuning", unit="step",
+                        disable=args.no_progress or not accelerator.is_local_main_process, file=sys.stderr)
+        window_losses, last_loss, grad_norm = [], None, None
+        while global_step < total_steps:
+            batches = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
+            # accelerate's loaders pass their own epoch counter to the sampler when iterated; align it with ours
+            # (a resumed run's fresh loader would otherwise restart from epoch 0's order).
+            if hasattr(batches, "set_epoch"):
+                batches.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            finished_epoch = True
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    output = model(**batch)
+                    loss = output.loss
+                    if "pixel_values" not in batch:
+                        # No image: the projector gets no gradient. A zero term keeps every process's gradient
+                        # set identical (DDP) and backward possible when only the projector trains.
+                        loss = loss + 0.0 * sum(p.sum() for p in projector_params)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(trainable_params, args.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad()
+                batch_in_epoch += 1
+                window_losses.append(loss.detach().float())
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                mean_loss = accelerator.reduce(torch.stack(window_losses).mean(), reduction="mean").item()
+                window_losses = []
+                last_loss = mean_loss
+                record = {"step": global_step, "epoch": round(epoch + batch_in_epoch / batches_per_epoch, 4),
+                          "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": None if grad_norm is None else float(grad_norm),
+                          "elapsed_s": round(time.time() - started, 2)}
+                log.write(record)
+                progress.update(1)
+                progress.set_postfix(loss=f"{mean_loss:.4f}")
+                if global_step % args.logging_steps == 0 or global_step == total_steps:
+                    self.say(f"step {global_step}/{total_steps} loss {mean_loss:.4f} lr {record['lr']:.3g}")
+                if args.save_steps and global_step % args.save_steps == 0:
+                    self._save_state(global_step, epoch, batch_in_epoch, batches_per_epoch, run_shape)
+                if global_step >= total_steps:
+                    finished_epoch = batch_in_epoch >= batches_per_epoch
+                    break
+            if finished_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+        progress.close()
+
+        accelerator.wait_for_everyone()
+        state_dict = accelerator.get_state_dict(model)
+        summary = None
+        if main_process:
+            summary = self._export(unwrapped, processor, state_dict, trainable_names, frozen_before)
+            summary.update({"steps": global_step, "final_loss": last_loss, "records": len(samples),
+                            "bad_records_skipped": len(bad), "elapsed_s": round(time.time() - started, 2)})
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            log.write({"event": "done", **summary})
+        log.close()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        if main_process:
+            self.say(f"saved {self.output_dir / PROJECTOR_FILE} and {self.output_dir / 'model'}"
+                     + ("" if args.no_verify else " (reloaded and verified)"))
+            if args.skip_bad_records:
+                self.say(f"skipped {len(bad)} bad record(s)" + (f"; see {self.output_dir / 'bad_records.jsonl'}" if bad else ""))
+        return 0
+
+    # state ----------------------------------------------------------------------------------------------
+    def _save_state(self, global_step, epoch, batch_in_epoch, batches_per_epoch, run_shape) -> None:
+        accelerator = self.accelerator
+        directory = self.output_dir / "checkpoints" / f"step-{global_step:08d}"
+        if accelerator.distributed_type.value == "DEEPSPEED":
+            accelerator.save_state(str(directory), exclude_frozen_parameters=True)
+        else:
+            accelerator.save_state(str(directory))
+        if accelerator.is_main_process:
+            if batch_in_epoch >= batches_per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+            state = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "run": run_shape}
+            (directory / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            if self.args.save_total_limit:
+                for old in _checkpoint_dirs(self.output_dir)[: -self.args.save_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        self.say(f"saved training state {directory}")
+
+    # output ---------------------------------------------------------------------------------------------
+    def _export(self, unwrapped, processor, state_dict, trainable_names, frozen_before) -> dict:
+        """Write the projector and the full checkpoint in the save dtype, then reload and compare."""
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        dtype = self.save_dtype
+        frozen_names = set(frozen_before)
+        frozen_after = tensor_digests(((n, p) for n, p in unwrapped.named_parameters() if n in frozen_names), dtype)
+        changed = sorted(name for name in frozen_names if frozen_after[name] != frozen_before[name])
+        if changed:
+            raise TuningError(f"frozen parameters changed during training: {', '.join(changed[:5])}")
+
+        cast = {name: (t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu()).contiguous()
+                for name, t in state_dict.items()}
+        projector = {name[len("model."):]: cast[name].clone() for name in cast if name.startswith(PROJECTOR_PREFIX)}
+        expected = {f"multi_modal_projector.linear_{i}.{kind}" for i in (1, 2) for kind in ("weight", "bias")}
+        if set(projector) != expected:
+            raise TuningError(f"unexpected projector tensors {sorted(projector)}; expected {sorted(expected)}")
+        save_file(projector, str(self.output_dir / PROJECTOR_FILE),
+                  metadata={"format": "pt", "model_type": unwrapped.config.model_type, "trainable": self.args.trainable,
+                            "source": str(self.args.model)})
+
+        if self.args.gradient_checkpointing:
+            disable = getattr(unwrapped, "activation_checkpointing_disable", None)
+            (disable or unwrapped.gradient_checkpointing_disable)()
+        unwrapped.config.text_config.use_cache = True
+        unwrapped.config.dtype = dtype
+        model_dir = self.output_dir / "model"
+        unwrapped.save_pretrained(str(model_dir), state_dict=cast)
+        processor.save_pretrained(str(model_dir))
+        summary = {"projector": str(self.output_dir / PROJECTOR_FILE), "model": str(model_dir),
+                   "model_type": unwrapped.config.model_type, "trainable": self.args.trainable,
+                   "save_dtype": str(dtype).replace("torch.", ""), "frozen_tensors_unchanged": len(frozen_names),
+                   "verified": False}
+        if self.args.no_verify:
+            return summary
+
+        from transformers import AutoModelForImageTextToText
+
+        reloaded = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=dtype)
+        if type(reloaded).__name__ != type(unwrapped).__name__:
+            raise TuningError(f"the saved checkpoint reloads as {type(reloaded).__name__}, not {type(unwrapped).__name__}")
+        from_file = load_file(str(self.output_dir / PROJECTOR_FILE))
+        reloaded_state = reloaded.state_dict()
+        for name, tensor in from_file.items():
+            if not torch.equal(reloaded_state["model." + name].to(dtype), tensor):
+                raise TuningError(f"verification failed: {name} differs between the checkpoint and {PROJECTOR_FILE}")
+        for name in trainable_names:
+            if not torch.equal(reloaded_state[name].to(dtype), cast[name]):
+                raise TuningError(f"verification failed: tuned tensor {name} did not round-trip")
+        reloaded_frozen = tensor_digests(((n, t) for n, t in reloaded_state.items() if n in frozen_names), dtype)
+        changed = sorted(name for name in frozen_names if reloaded_frozen.get(name) != frozen_before[name])
+        if changed:
+            raise TuningError(f"verification failed: frozen tensors differ from the input checkpoint: {changed[:5]}")
+        summary["verified"] = True
+        return summary
+
+
+def _keep_trainable_weights(models, weights, output_dir) -> None:
+    """accelerate save hook: store only trainable parameters in training states (frozen weights are in --model)."""
+    for number, model in enumerate(models):
+        names = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+        weights[number] = {name: tensor for name, tensor in weights[number].items() if name in names}
+
+
+def _check_saved_weights(directory: Path, accelerator, model) -> None:
+    """Before a non-strict load: the state must hold exactly the trainable parameters."""
+    from safetensors import safe_open
+
+    path = directory / "model.safetensors"
+    if not path.is_file():
+        raise TuningError(f"cannot resume from {directory}: no model.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        saved = set(handle.keys())
+    names = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    if saved != names:
+        missing, extra = sorted(names - saved), sorted(saved - names)
+        raise TuningError(f"cannot resume from {directory}: its weights do not match the trainable parameters "
+                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
