@@ -79,6 +79,30 @@ def test_demo_budget_overrides():
     assert "VisionZip 108+20" in out
 
 
+def test_demo_on_a_stock_llava_checkpoint(stock_llava_dir, tmp_path):
+    """`--model` takes a stock LLaVA checkpoint (here a tiny local one: 64 patches), loads it as VisionZip with
+    the budget overrides, and `--output` saves the VisionZip checkpoint."""
+    output = tmp_path / "visionzip"
+    status, out, err = run_main([
+        "demo", *QUICK, "--model", str(stock_llava_dir), "--dominant-tokens", "10", "--contextual-tokens", "4",
+        "--output", str(output),
+    ])
+    assert status == 0, err
+    assert "random weights" not in out
+    assert table_row(out, "image tokens per image")[:2] == ["64", "14"]
+    assert "VisionZip 10+4" in out
+    assert "model of type `llava`" not in err
+    config = json.loads((output / "config.json").read_text())
+    assert (config["model_type"], config["dominant_tokens"], config["contextual_tokens"]) == ("llava_visionzip", 10, 4)
+
+
+def test_demo_refuses_other_model_types(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    status, _, err = run_main(["demo", "--model", str(tmp_path)])
+    assert status == 1
+    assert "model_type 'bert'" in err
+
+
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
     """The demo's random VisionZip model, saved and reloaded the way the demo does it, with its processor."""
