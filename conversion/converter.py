@@ -13,6 +13,7 @@ Nothing is ever left randomly initialised: a tensor the model has and no input p
 an input tensor with no place in the model.
 """
 
+import json
 import math
 import os
 import shutil
@@ -176,6 +177,8 @@ class _Conversion:
     def read_source(self) -> None:
         self.src_dir = resolve_checkpoint(self.request.src, "SRC")
         self.src_config = read_config(self.src_dir, "SRC")
+        if self.src_dir.resolve() == self.out or self.out in self.src_dir.resolve().parents:
+            raise ConversionError(f"output {self.out} would replace SRC {self.src_dir}; choose another OUT")
         self.src = TensorSource.from_directory(self.src_dir, "SRC")
         self.format = self._detect_format()
 
@@ -655,6 +658,13 @@ class _Conversion:
                     dtype = handle.get_slice(key).get_dtype()
                     if dtype in ("F16", "BF16", "F32", "F64") and dtype != _SAFETENSORS_NAME[self.out_dtype]:
                         raise ConversionError(f"verification failed: {file.name}:{key} is stored as {dtype}")
+        for name in ("config.json", "processor_config.json"):
+            path = directory / name
+            auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map", {}) if path.is_file() else {}
+            for reference in auto_map.values():
+                module = (reference[0] if isinstance(reference, (list, tuple)) else reference).split(".")[0]
+                if not (directory / f"{module}.py").is_file():
+                    raise ConversionError(f"verification failed: {name} auto_map names {reference} but {module}.py is missing")
         try:
             processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
         except Exception as error:  # noqa: BLE001

@@ -353,6 +353,19 @@ def test_invalid_budget_is_reported(stock, tmp_path, capsys):
     assert "contextual_tokens" in line
 
 
+def test_output_may_not_replace_the_source(stock, tmp_path, capsys):
+    copy = tmp_path / "src_copy"
+    shutil.copytree(stock[0], copy)
+    line = _one_line_error(capsys, "visionzip", copy, copy, "--overwrite")
+    assert "would replace SRC" in line and (copy / "model.safetensors").is_file()
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "llava_token_reduction.conversion", "trim", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--clip" in result.stdout and "--max-shard-size" in result.stdout
+
+
 def test_request_validation():
     with pytest.raises(ConversionError, match="unknown method"):
         converter.convert(converter.ConversionRequest(method="prune", src="a", out="b"))
