@@ -196,3 +196,11 @@ def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "llava_token_reduction.tuning", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "--trainable" in result.stdout and "--resume-from-checkpoint" in result.stdout
+
+
+def test_console_command_has_tune(capsys):
+    from llava_token_reduction.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as raised:
+        cli_main(["tune", "--help"])
+    assert raised.value.code == 0 and "--trainable" in capsys.readouterr().out

@@ -4,6 +4,6 @@
 command line. Heavy imports (torch, transformers, accelerate) happen when a command runs, not on import.
 """
 
-from .data import DataError
+from .common import DataError
 
 __all__ = ["DataError"]

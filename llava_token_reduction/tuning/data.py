@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .common import PROMPT_FORMATS, DataError
+
 
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
@@ -40,13 +42,8 @@ LLAVA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-PROMPT_FORMATS = ("auto", "chat-template", "llava-v1")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _ID_PATTERN = re.compile(r'"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')
-
-
-class DataError(ValueError):
-    """The data cannot be used as given; the message names the file and the record(s)."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from .data import PROMPT_FORMATS, DataError
+from .common import PROMPT_FORMATS, DataError
 
 
 try:  # the shared command line prints these as one line without a traceback

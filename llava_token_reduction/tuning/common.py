@@ -1,0 +1,7 @@
+"""Names the command line needs before any heavy import (torch, PIL): kept here so `--help` stays quick."""
+
+PROMPT_FORMATS = ("auto", "chat-template", "llava-v1")
+
+
+class DataError(ValueError):
+    """The data cannot be used as given; the message names the file and the record(s)."""
