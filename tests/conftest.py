@@ -41,6 +41,13 @@ from llava_token_reduction import LlavaVisionZipConfig, LlavaVisionZipForConditi
 from llava_token_reduction.tiny import TEST_SHAPE, build_processor, llava_config_kwargs
 
 
+# Tiny models spend their time in thread hand-offs, not arithmetic: on a busy 2-core machine one intra-op
+# thread runs this suite several times faster. Child processes inherit the setting through the environment,
+# so results compared bit for bit across processes use the same kernels. An explicit OMP_NUM_THREADS wins.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # The budget of the shared VisionZip fixtures: 10 kept (CLS + 9 patches) + 4 merged = 14 tokens per image.
 VISIONZIP_TEST_BUDGET = {"dominant_tokens": 10, "contextual_tokens": 4}
 

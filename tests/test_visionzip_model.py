@@ -478,11 +478,11 @@ def test_local_classes_are_registered_with_the_auto_classes(visionzip_checkpoint
 # Loading a stock LLaVA checkpoint --------------------------------------------------------------------
 
 
-def test_stock_llava_checkpoint_loads_every_weight(stock_llava_model, stock_llava_dir, make_pixel_values):
+def test_stock_llava_checkpoint_loads_every_weight(stock_llava_model, stock_llava_dir, make_pixel_values, tmp_path):
     model, info = LlavaVisionZipForConditionalGeneration.from_pretrained(
         stock_llava_dir, dominant_tokens=20, contextual_tokens=6, output_loading_info=True
     )
-    assert info["missing_keys"] == set() or not info["missing_keys"], info["missing_keys"]
+    assert not info["missing_keys"], info["missing_keys"]
     assert not info["unexpected_keys"], info["unexpected_keys"]
     assert not info["mismatched_keys"], info["mismatched_keys"]
     assert type(model.config) is LlavaVisionZipConfig
@@ -497,6 +497,15 @@ def test_stock_llava_checkpoint_loads_every_weight(stock_llava_model, stock_llav
     with torch.no_grad():
         features = model.eval().model.get_image_features(pixel_values=make_pixel_values(batch=2, seed=7))
     assert [tuple(t.shape) for t in features.pooler_output] == [(26, model.config.text_config.hidden_size)] * 2
+
+    # Saved again, it is a VisionZip checkpoint that loads through the Auto classes with the same weights.
+    model.save_pretrained(tmp_path)
+    reloaded, reload_info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(reloaded) is LlavaVisionZipForConditionalGeneration
+    assert not any(reload_info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), reload_info
+    assert (reloaded.config.dominant_tokens, reloaded.config.contextual_tokens) == (20, 6)
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 def test_stock_llava_checkpoint_with_invalid_override_raises(stock_llava_dir):
