@@ -125,10 +125,21 @@ def render_model_card(
                        "was reported to produce poor output. Evaluate before relying on it.")
         fields.update(
             title=f"{repo_id.split('/')[-1]}: LLaVA with TRIM (question-aware token reduction)",
-            intro=f"{base} with **TRIM** visual-token reduction: each image keeps only the patches CLIP relates to "
-                  "the question, plus one token summarising the rest.",
+            intro=f"{base} with **TRIM** visual-token reduction: each image keeps only the patches that CLIP's "
+                  "question-conditioned scores single out, plus one token summarising the rest.",
             training_warning=warning,
             iqr_multiplier=config.trim_iqr_multiplier,
+            mean_token=(", and the mean of all the other patches is appended as one extra token"
+                        if config.trim_append_mean_token else " (this checkpoint appends no mean token)"),
+            score_sign=(
+                "As in the released TRIM code and checkpoints (`trim_negate_similarity=True`, this checkpoint's "
+                "setting), the softmax is taken over the *negated* dot product, which the authors trained with."
+                if config.trim_negate_similarity else
+                "This checkpoint scores by the plain dot product (`trim_negate_similarity=False`); the released "
+                "TRIM code and checkpoints negate it."
+            ),
+            coupling=(", pooled over all images of a call as in the released code" if config.trim_batch_coupled
+                      else " of each image, so an image gets the same tokens alone or in a batch"),
             budget_description=budget,
         )
     card = Template(template_text(TEMPLATE_NAMES[model_type])).substitute(fields)
