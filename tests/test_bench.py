@@ -1,0 +1,105 @@
+"""The benchmark: analytic FLOPs against a hand computation, and a tiny end-to-end run with every output."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from llava_token_reduction import bench
+
+
+def test_prefill_flops_match_a_hand_computation():
+    # 10 tokens, d=8, m=12, 2 layers, 2 heads (head dim 4), 1 KV head (GQA, kv width 4), vocab 20.
+    flops = bench.lm_prefill_flops(10, hidden=8, intermediate=12, layers=2, heads=2, kv_heads=1, vocab=20)
+    q_and_o = 2 * (2 * 10 * 8 * 8)  # q and o: [10, 8] x [8, 8], 2 FLOPs per multiply-add
+    k_and_v = 2 * (2 * 10 * 8 * 4)  # k and v: [10, 8] x [8, 4]
+    mlp = 3 * (2 * 10 * 8 * 12)  # gate, up ([8, 12]) and down ([12, 8])
+    pairs = 10 * 11 // 2  # causal (query, key) pairs
+    attention = 2 * (2 * pairs * 4) * 2  # QK^T and PV, per head (4 wide), 2 heads
+    head = 2 * 8 * 20  # LM head on the last position only
+    assert flops["qkvo_projections"] == 2 * (q_and_o + k_and_v)
+    assert flops["mlp"] == 2 * mlp
+    assert flops["attention_scores_values"] == 2 * attention
+    assert flops["lm_head"] == head
+    assert flops["total"] == 2 * (q_and_o + k_and_v + mlp + attention) + head
+
+
+def test_flops_of_the_7b_preset_are_those_of_llava_1_5_7b():
+    shape = bench.PRESETS["llava-1.5-7b"]
+    per_token_layer = bench.lm_prefill_flops(1, 4096, 11008, 1, 32, 32, 32064, logits_tokens=0)["total"]
+    # 4·d² attention projections + 3·d·m MLP weights, 2 FLOPs each, plus one causal pair of width d twice.
+    assert per_token_layer == 2 * (4 * 4096**2 + 3 * 4096 * 11008) + 2 * 2 * 4096
+    assert (shape.lm_hidden, shape.lm_intermediate, shape.lm_heads, shape.lm_layers) == (4096, 11008, 32, 32)
+    assert (shape.vision_hidden, shape.vision_layers, shape.vision_heads, shape.patches) == (1024, 24, 16, 576)
+    large = bench.PRESETS["llava-1.5-13b"]
+    assert (large.lm_hidden, large.lm_intermediate, large.lm_heads, large.lm_layers) == (5120, 13824, 40, 40)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    image = Image.open(bench.SAMPLE_IMAGE).convert("RGB")
+    workload = bench.build_preset_workload(bench.PRESETS["tiny"], image, "What is here?", bench.DEFAULT_METHODS)
+    report = bench.run_benchmark(workload, repeats=1, warmup=0, new_tokens=3, log=lambda *_: None)
+    out = tmp_path_factory.mktemp("bench")
+    return report, bench.write_outputs(report, out, "tiny")
+
+
+def test_tiny_run_reports_every_method_and_field(tiny_report):
+    report, _ = tiny_report
+    assert report["random_weights"] is True and "RANDOM" in report["notice"]
+    rows = {row["method"]: row for row in report["methods"]}
+    assert list(rows) == ["stock", "visionzip-192", "visionzip-128", "visionzip-64", "trim"]
+    assert [rows[name]["image_tokens"] for name in ("stock", "visionzip-192", "visionzip-128", "visionzip-64")] == [576, 192, 128, 64]
+    text_tokens = rows["stock"]["prefill_tokens"] - 576
+    for name, row in rows.items():
+        assert row["prefill_tokens"] == text_tokens + row["image_tokens"], name
+        for metric in ("vision_ms", "reduction_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "projector_ms"):
+            assert row[metric]["median"] is not None and len(row[metric]["values"]) == 1, (name, metric)
+        assert row["vision_ms"]["median"] > 0 and row["prefill_ms"]["median"] > 0
+        assert row["ttft_ms"]["median"] >= row["prefill_ms"]["median"]
+        assert row["peak_memory_bytes"] is not None and row["peak_memory_bytes"] >= 0
+        shape = report["shape"]
+        # fp32 keys and values: 2 · layers · tokens · kv heads · head dim · 4 bytes, after the prefill.
+        head_dim = shape["lm_hidden"] // shape["lm_heads"]
+        assert row["kv_cache_bytes"] == 2 * shape["lm_layers"] * row["prefill_tokens"] * shape["lm_kv_heads"] * head_dim * 4
+        expected_flops = bench.lm_prefill_flops(
+            row["prefill_tokens"], shape["lm_hidden"], shape["lm_intermediate"], shape["lm_layers"],
+            shape["lm_heads"], shape["lm_kv_heads"], shape["lm_vocab"],
+        )
+        assert row["prefill_flops"] == expected_flops
+        assert row["prefill_speedup_predicted"] == pytest.approx(rows["stock"]["prefill_flops"]["total"] / expected_flops["total"])
+        assert row["prefill_speedup_fraction"] == pytest.approx(row["prefill_speedup_measured"] / row["prefill_speedup_predicted"])
+    assert rows["trim"]["text_tower_ms"]["median"] > 0
+    assert rows["stock"]["text_tower_ms"]["median"] == 0
+    attention = report["attention_acquisition"]
+    assert attention["ours_sdpa_hooks"]["attention_map_bytes"] == 0
+    # Every layer's [1, H, N, N] fp32 map: 6 layers, 4 heads, 577 tokens.
+    assert attention["released_eager_all_maps"]["attention_map_bytes"] == 6 * 4 * 577 * 577 * 4
+    assert {check["target"].split(":")[0] for check in report["targets"]} == {
+        "visionzip-192", "visionzip-128", "visionzip-64", "trim"
+    }
+    assert report["machine"]["torch_threads"] >= 1
+
+
+def test_tiny_run_writes_json_markdown_and_png(tiny_report):
+    report, paths = tiny_report
+    assert json.loads(paths["json"].read_text())["methods"][0]["method"] == "stock"
+    markdown = paths["markdown"].read_text()
+    assert "RANDOM" in markdown and "| visionzip-64 | 64 |" in markdown and "Targets" in markdown
+    assert "released: eager tower" in markdown
+    with Image.open(paths["png"]) as png:
+        assert png.format == "PNG" and png.size[0] > 800 and png.size[1] > 400
+    assert paths["png"].stat().st_size > 10_000
+
+
+def test_timing_hooks_leave_the_model_as_it_was(tiny_report):
+    image = Image.open(bench.SAMPLE_IMAGE).convert("RGB")
+    workload = bench.build_preset_workload(
+        bench.PRESETS["tiny"], image, "hi", [bench.Method("visionzip-64", "visionzip", 54, 10)]
+    )
+    model = workload.models["visionzip-64"]
+    bench.measure_generate(model, workload.inputs["visionzip-64"], 2)
+    assert "get_image_features" not in vars(model.model)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    assert model.model.vision_tower.config._attn_implementation == "sdpa"
