@@ -24,6 +24,8 @@ PROG = "llava-token-reduction"
 COMMAND_MODULES = (
     "llava_token_reduction.demo",
     "llava_token_reduction.conversion.cli",
+    "llava_token_reduction.bench",
+    "llava_token_reduction.show",
     "llava_token_reduction.tuning.train",
 )
 
