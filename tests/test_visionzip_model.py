@@ -160,19 +160,6 @@ def test_smaller_images_use_their_actual_token_count(make_visionzip_model, make_
         torch.testing.assert_close(features.last_hidden_state[image], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_reference_detects_a_wrong_merge(make_visionzip_model, make_pixel_values):
-    """Guard on the guard: the `(target + Σ members) / (n + 1)` variant must not pass the parity check."""
-    model = make_visionzip_model()
-    pixel_values = make_pixel_values(batch=1, seed=11)
-    tower, outputs = eager_tower_outputs(model, pixel_values)
-    expected, _ = reference_visionzip(tower, outputs, 0, -2, 10, 4)
-    with torch.no_grad():
-        actual = model.model.get_image_features(pixel_values=pixel_values).last_hidden_state[0]
-    wrong = actual.clone()
-    wrong[10:] = wrong[10:] / 2  # any change to the contextual rows
-    assert not torch.allclose(wrong, expected, atol=1e-5)
-
-
 # sdpa kept, no attention maps, hooks cleaned up ------------------------------------------------------
 
 
