@@ -175,6 +175,14 @@ def test_unsupported_original_configs(clip, tmp_path, overrides, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_llava15_config_with_model_type_llava_is_detected_as_original(clip, tmp_path):
+    # liuhaotian/llava-v1.5-* configs say model_type "llava" (no text_config): still the LLaVA-codebase format.
+    directory = tmp_path / "llava_typed"
+    save_original(directory, vision_tower=str(clip[0]), config_overrides={"model_type": "llava"})
+    result = convert_visionzip(directory, tmp_path / "out", dominant_tokens=10, contextual_tokens=4, progress=False)
+    assert result.source_format == "original"
+
+
 def test_original_without_clip_reference_fails(tmp_path):
     directory = tmp_path / "no_tower"
     save_original(directory, vision_tower="")
