@@ -57,7 +57,10 @@ def register(subparsers) -> None:
     parser.add_argument("--image", metavar="FILE", help="image to use (default: a bundled sample picture)")
     parser.add_argument("--question", default=DEFAULT_QUESTION, help=f"question about the image (default: {DEFAULT_QUESTION!r})")
     parser.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate (default: 20)")
-    parser.add_argument("--repeats", type=int, default=5, metavar="N", help="timed runs per measurement after one warm-up (default: 5)")
+    parser.add_argument(
+        "--repeats", type=int, metavar="N",
+        help="timed runs per measurement after one warm-up (default: 5, or 3 with --model)",
+    )
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random weights, without --model (default: 0)")
     parser.set_defaults(handler=run)
 
@@ -65,6 +68,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from .cli import CommandError
 
+    if args.repeats is None:
+        args.repeats = 3 if args.model else 5
     for name in ("max_new_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -435,7 +440,10 @@ def _resolve_dtype(name: str, device: str):
     import torch
 
     if name == "auto":
-        return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+        on_gpu = not str(device).startswith(("cpu", "meta", "disk")) and (
+            torch.cuda.is_available() or torch.backends.mps.is_available()
+        )
+        return torch.bfloat16 if on_gpu else torch.float32
     return getattr(torch, name)
 
 
