@@ -55,3 +55,25 @@ def check_layer_index(field: str, value, num_layers: int) -> None:
 def vision_token_count(vision_config) -> int:
     """Tokens the vision tower emits per image: the patch grid plus CLS."""
     return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+
+
+class FieldCheckedConfig:
+    """Mixin for configs whose fields are checked one at a time whenever they are set.
+
+    `from_pretrained(path, field=value)` applies load-time overrides with setattr after construction,
+    bypassing `__post_init__`; checking in `__setattr__` catches those too. Subclasses list their checks
+    in `single_field_checks` (field name -> callable raising `ValueError`) and call `check_fields()` from
+    their full validation.
+    """
+
+    single_field_checks: dict = {}
+
+    def __setattr__(self, key, value):
+        check = type(self).single_field_checks.get(key)
+        if check is not None:
+            check(value)
+        super().__setattr__(key, value)
+
+    def check_fields(self) -> None:
+        for field, check in type(self).single_field_checks.items():
+            check(getattr(self, field))

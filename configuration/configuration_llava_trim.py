@@ -3,7 +3,7 @@
 from transformers import CLIPTextConfig, LlavaConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .config_checks import check_bool, check_finite_float, check_int, check_optional_int, vision_token_count
+from .config_checks import FieldCheckedConfig, check_bool, check_finite_float, check_int, check_optional_int, vision_token_count
 
 
 # The text tower of openai/clip-vit-large-patch14-336, the vision tower of LLaVA-1.5.
@@ -29,7 +29,7 @@ _SINGLE_FIELD_CHECKS = {
 }
 
 
-class LlavaTrimConfig(LlavaConfig):
+class LlavaTrimConfig(FieldCheckedConfig, LlavaConfig):
     r"""
     A [`LlavaConfig`] with TRIM: each image keeps the patches selected by their CLIP similarity to the
     question (an IQR outlier count, so the number varies per image), plus the mean of the others.
@@ -62,6 +62,7 @@ class LlavaTrimConfig(LlavaConfig):
     ```
     """
 
+    single_field_checks = _SINGLE_FIELD_CHECKS
     model_type = "llava_trim"
 
     sub_configs_defaults = {
@@ -78,12 +79,6 @@ class LlavaTrimConfig(LlavaConfig):
     trim_max_tokens: int | None = None
     trim_append_mean_token: bool = True
 
-    def __setattr__(self, key, value):
-        check = _SINGLE_FIELD_CHECKS.get(key)
-        if check is not None:
-            check(value)
-        super().__setattr__(key, value)
-
     def __post_init__(self, **kwargs):
         if self.clip_text_config is None:
             # The default text tower follows this config's joint size instead of CLIP-L's 768.
@@ -99,8 +94,7 @@ class LlavaTrimConfig(LlavaConfig):
     def validate_token_reduction(self, num_patches: int | None = None) -> None:
         """Check every TRIM field and their combinations (against `num_patches`, the patches an image actually
         yields, when given). Raises `ValueError` naming the field, value and allowed range."""
-        for field, check in _SINGLE_FIELD_CHECKS.items():
-            check(getattr(self, field))
+        self.check_fields()
         text_projection = getattr(self.clip_text_config, "projection_dim", None)
         if text_projection != self.projection_dim:
             raise ValueError(

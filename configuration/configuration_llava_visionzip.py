@@ -2,7 +2,7 @@
 
 from transformers import LlavaConfig
 
-from .config_checks import check_int, check_layer_index, vision_token_count
+from .config_checks import FieldCheckedConfig, check_int, check_layer_index, vision_token_count
 
 
 # Fields checked one at a time whenever they are set, including the load-time overrides that
@@ -14,7 +14,7 @@ _SINGLE_FIELD_CHECKS = {
 }
 
 
-class LlavaVisionZipConfig(LlavaConfig):
+class LlavaVisionZipConfig(FieldCheckedConfig, LlavaConfig):
     r"""
     A [`LlavaConfig`] with the VisionZip budget. Each image is reduced to
     `dominant_tokens + contextual_tokens` tokens before the projector.
@@ -39,17 +39,12 @@ class LlavaVisionZipConfig(LlavaConfig):
     ```
     """
 
+    single_field_checks = _SINGLE_FIELD_CHECKS
     model_type = "llava_visionzip"
 
     dominant_tokens: int = 54
     contextual_tokens: int = 10
     visionzip_layer: int = -2
-
-    def __setattr__(self, key, value):
-        check = _SINGLE_FIELD_CHECKS.get(key)
-        if check is not None:
-            check(value)
-        super().__setattr__(key, value)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -63,8 +58,7 @@ class LlavaVisionZipConfig(LlavaConfig):
     def validate_token_reduction(self, vision_tokens: int | None = None) -> None:
         """Check the budget against the vision tower (and against `vision_tokens`, the tokens an image
         actually yields, when given). Raises `ValueError` naming the field, value and allowed range."""
-        for field, check in _SINGLE_FIELD_CHECKS.items():
-            check(getattr(self, field))
+        self.check_fields()
         check_layer_index("visionzip_layer", self.visionzip_layer, self.vision_config.num_hidden_layers)
         available = vision_token_count(self.vision_config) if vision_tokens is None else vision_tokens
         if self.dominant_tokens > available:
