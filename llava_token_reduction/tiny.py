@@ -119,6 +119,17 @@ def build_processor(shape: TinyShape = TEST_SHAPE) -> LlavaProcessor:
     )
 
 
+def build_trim_processor(shape: TinyShape = TEST_SHAPE):
+    """A `LlavaTrimProcessor`: the stock LLaVA processor of `shape` plus the tiny CLIP tokenizer."""
+    from .modeling.processing_llava_trim import LlavaTrimProcessor
+
+    return LlavaTrimProcessor(
+        image_processor=build_image_processor(shape), tokenizer=build_llm_tokenizer(),
+        clip_tokenizer=build_clip_tokenizer(), patch_size=shape.patch_size, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
 def llava_config_kwargs(shape: TinyShape = TEST_SHAPE, tokenizer=None) -> dict:
     """Keyword arguments of a `LlavaConfig` (or one of ours) for a small model of `shape`."""
     tokenizer = tokenizer or build_llm_tokenizer()
@@ -148,6 +159,14 @@ def clip_text_config(shape: TinyShape = TEST_SHAPE, clip_tokenizer=None) -> CLIP
         vocab_size=len(clip_tokenizer), max_position_embeddings=77,
         bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
         pad_token_id=clip_tokenizer.pad_token_id,
+    )
+
+
+def trim_config_kwargs(shape: TinyShape = TEST_SHAPE, tokenizer=None, clip_tokenizer=None) -> dict:
+    """Keyword arguments of a `LlavaTrimConfig` for a small model of `shape`: LLaVA's plus the CLIP text tower."""
+    return dict(
+        **llava_config_kwargs(shape, tokenizer=tokenizer),
+        clip_text_config=clip_text_config(shape, clip_tokenizer), projection_dim=shape.projection_dim,
     )
 
 

@@ -3,7 +3,6 @@ mapped, `<image>` added with grown embeddings, local paths rewritten, the releas
 inside SRC), dtype kept, and the errors for unsupported or malformed inputs."""
 
 import json
-import os
 import pickle
 
 import pytest
@@ -14,7 +13,6 @@ from llava_token_reduction.conversion import ConversionError, convert_trim, conv
 from llava_token_reduction.conversion.converter import DEFAULT_CLIP
 
 from conversion_inputs import (
-    clip_model,
     projector_tensors,
     save_clip,
     save_original,

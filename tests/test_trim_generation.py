@@ -8,40 +8,31 @@ placeholders per image, the TRIM features placed there.
 import numpy as np
 import pytest
 import torch
+from llava_token_reduction.modeling.reduced_generation import PLAN_ATTRIBUTE
 from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration, pipeline
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from llava_token_reduction import LlavaTrimConfig, LlavaTrimForConditionalGeneration, LlavaTrimProcessor
-from llava_token_reduction.modeling.reduced_generation import PLAN_ATTRIBUTE
+from llava_token_reduction import LlavaTrimConfig, LlavaTrimForConditionalGeneration
 from llava_token_reduction.tiny import (
-    LLAVA_CHAT_TEMPLATE,
-    TEST_SHAPE,
-    build_clip_tokenizer,
-    build_image_processor,
     build_llm_tokenizer,
-    clip_text_config,
+    build_trim_processor,
     llava_config_kwargs,
+    trim_config_kwargs,
 )
-
 
 NEW_TOKENS = 5
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return LlavaTrimProcessor(
-        image_processor=build_image_processor(), tokenizer=build_llm_tokenizer(), clip_tokenizer=build_clip_tokenizer(),
-        patch_size=TEST_SHAPE.patch_size, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    return build_trim_processor()
 
 
 @pytest.fixture(scope="module")
 def model(processor, spread_vision_weights):
     torch.manual_seed(0)
-    config = LlavaTrimConfig(**llava_config_kwargs(tokenizer=processor.tokenizer), clip_text_config=clip_text_config(),
-                             projection_dim=TEST_SHAPE.projection_dim)
+    config = LlavaTrimConfig(**trim_config_kwargs(tokenizer=processor.tokenizer))
     model = LlavaTrimForConditionalGeneration(config)
     for module in (model.model.vision_tower, model.model.visual_projection, model.model.clip_text_model):
         spread_vision_weights(module, seed=1)

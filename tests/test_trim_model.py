@@ -6,25 +6,24 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoModelForImageTextToText, CLIPTextModelWithProjection
+from test_trim_algorithm import reference_trim
+from transformers import (
+    AutoModel,
+    AutoModelForImageTextToText,
+    CLIPTextModelWithProjection,
+)
 
 from llava_token_reduction import (
     LlavaTrimConfig,
     LlavaTrimForConditionalGeneration,
     LlavaTrimModel,
-    LlavaTrimProcessor,
 )
 from llava_token_reduction.tiny import (
-    LLAVA_CHAT_TEMPLATE,
     TEST_SHAPE,
-    build_clip_tokenizer,
-    build_image_processor,
-    build_llm_tokenizer,
+    build_trim_processor,
     clip_text_config,
     llava_config_kwargs,
 )
-from test_trim_algorithm import reference_trim
-
 
 QUESTIONS = ["what color is the car", "how many dogs are there", "", "is it raining in the picture"]
 
@@ -54,11 +53,7 @@ def trim_model(make_trim_model):
 
 @pytest.fixture(scope="module")
 def processor():
-    return LlavaTrimProcessor(
-        image_processor=build_image_processor(), tokenizer=build_llm_tokenizer(), clip_tokenizer=build_clip_tokenizer(),
-        patch_size=TEST_SHAPE.patch_size, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    return build_trim_processor()
 
 
 @pytest.fixture(scope="module")

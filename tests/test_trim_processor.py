@@ -3,18 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from llava_token_reduction.modeling.processing_llava_trim import questions_from_prompt
 from PIL import Image
 from transformers import AutoProcessor, LlavaProcessor
 
 from llava_token_reduction import LlavaTrimProcessor
-from llava_token_reduction.modeling.processing_llava_trim import questions_from_prompt
 from llava_token_reduction.tiny import (
-    LLAVA_CHAT_TEMPLATE,
-    build_clip_tokenizer,
-    build_image_processor,
-    build_llm_tokenizer,
+    build_trim_processor,
 )
-
 
 LLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
@@ -24,11 +20,7 @@ LLAVA_SYSTEM = (
 
 @pytest.fixture(scope="module")
 def processor():
-    return LlavaTrimProcessor(
-        image_processor=build_image_processor(), tokenizer=build_llm_tokenizer(), clip_tokenizer=build_clip_tokenizer(),
-        patch_size=7, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    return build_trim_processor()
 
 
 def image(seed=0):

@@ -11,21 +11,15 @@ from PIL import Image
 from llava_token_reduction import (
     LlavaTrimConfig,
     LlavaTrimForConditionalGeneration,
-    LlavaTrimProcessor,
     LlavaVisionZipConfig,
     LlavaVisionZipForConditionalGeneration,
 )
 from llava_token_reduction.tiny import (
-    LLAVA_CHAT_TEMPLATE,
-    TEST_SHAPE,
-    build_clip_tokenizer,
-    build_image_processor,
-    build_llm_tokenizer,
     build_processor,
-    clip_text_config,
+    build_trim_processor,
     llava_config_kwargs,
+    trim_config_kwargs,
 )
-
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -39,14 +33,8 @@ def build_checkpoint(kind: str, directory: Path, seed: int = 0) -> Path:
                                       contextual_tokens=4)
         model = LlavaVisionZipForConditionalGeneration(config)
     else:
-        processor = LlavaTrimProcessor(
-            image_processor=build_image_processor(), tokenizer=build_llm_tokenizer(),
-            clip_tokenizer=build_clip_tokenizer(), patch_size=TEST_SHAPE.patch_size,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
-        )
-        config = LlavaTrimConfig(**llava_config_kwargs(tokenizer=processor.tokenizer),
-                                 clip_text_config=clip_text_config(), projection_dim=TEST_SHAPE.projection_dim,
-                                 trim_max_tokens=12)
+        processor = build_trim_processor()
+        config = LlavaTrimConfig(**trim_config_kwargs(tokenizer=processor.tokenizer), trim_max_tokens=12)
         model = LlavaTrimForConditionalGeneration(config)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
