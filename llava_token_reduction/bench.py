@@ -595,7 +595,6 @@ def machine_info() -> dict:
         "cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "memory_gib": memory_gib, "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "load_average_at_start": os.getloadavg(),
     }
 
 
@@ -605,6 +604,7 @@ def run_benchmark(workload: Workload, repeats: int = 3, warmup: int = 1, new_tok
     import torch
 
     shape = workload.shape
+    load_at_start = os.getloadavg()
     names = list(workload.models)
     runs = {name: [] for name in names}
     memory = {}
@@ -693,7 +693,7 @@ def run_benchmark(workload: Workload, repeats: int = 3, warmup: int = 1, new_tok
         "repeats": repeats,
         "warmup": warmup,
         "new_tokens": new_tokens,
-        "machine": {**machine_info(), "load_average_at_end": os.getloadavg()},
+        "machine": {**machine_info(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
         "methods": rows,
         "attention_acquisition": attention,
         "targets": targets(rows),
