@@ -167,7 +167,16 @@ class LlavaTrimModel(LlavaModel):
     # Features ---------------------------------------------------------------------------------------
 
     def get_question_embeds(self, clip_input_ids: torch.Tensor, clip_attention_mask=None) -> torch.Tensor:
-        """The question's CLIP `text_embeds` `[images, projection_dim]`, fp32 (not normalised)."""
+        """The question's CLIP `text_embeds` `[images, projection_dim]`, fp32 (not normalised).
+
+        Columns that are padding in every row are dropped first: CLIP's text attention is causal and its
+        positions absolute, so the embedding at each row's EOS is the same, and the processor's 77-token
+        padding would otherwise multiply the text tower's cost several times."""
+        if clip_attention_mask is not None and clip_input_ids.shape[1] > 1:
+            attended = int(clip_attention_mask.sum(dim=1).max())
+            # Only trailing padding can go (left padding would shift the absolute positions).
+            if attended < clip_input_ids.shape[1] and not bool(clip_attention_mask[:, attended:].any()):
+                clip_input_ids, clip_attention_mask = clip_input_ids[:, :attended], clip_attention_mask[:, :attended]
         device = _placement_device(self.clip_text_model)
         if device is not None:
             clip_input_ids = clip_input_ids.to(device)

@@ -316,3 +316,20 @@ def test_load_clip_text_weights_from_a_clip_model(make_trim_model):
     partial = {k: v for k, v in clip.state_dict().items() if k != "visual_projection.weight"}
     with pytest.raises(ValueError, match="visual_projection.weight"):
         model.model.load_clip_text_weights(partial)
+
+
+def test_question_embeds_skip_shared_padding_without_changing_them(trim_model, clip_inputs):
+    ids, mask = clip_inputs
+    calls = []
+    handle = trim_model.model.clip_text_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            embeds = trim_model.model.get_question_embeds(ids, mask)
+    finally:
+        handle.remove()
+    assert calls == [int(mask.sum(1).max())] and calls[0] < ids.shape[1]
+    with torch.no_grad():
+        padded = trim_model.model.clip_text_model(input_ids=ids, attention_mask=mask).text_embeds
+    torch.testing.assert_close(embeds, padded, atol=1e-5, rtol=1e-5)
