@@ -300,3 +300,14 @@ def test_prompt_already_expanded_to_the_fixed_budget_takes_the_same_path(config_
     short_ids = processor.tokenizer(short_text, return_tensors="pt").input_ids
     short = model.generate(input_ids=short_ids, pixel_values=inputs["pixel_values"], max_new_tokens=NEW_TOKENS, do_sample=False)
     assert full[0, inputs["input_ids"].shape[1]:].tolist() == short[0, short_ids.shape[1]:].tolist()
+
+
+def test_batched_beam_search_rows_equal_each_prompt_alone(model, processor):
+    groups = [images(1, seed=1), images(2, seed=2)]
+    inputs = processor(images=[i for g in groups for i in g], text=PROMPTS[:2], return_tensors="pt", padding=True)
+    out = model.generate(**inputs, num_beams=3, num_return_sequences=2, max_new_tokens=4, do_sample=False)
+    prompt_length = inputs["input_ids"].shape[1]
+    for row, (prompt, group) in enumerate(zip(PROMPTS[:2], groups)):
+        single = processor(images=group, text=[prompt], return_tensors="pt")
+        alone = model.generate(**single, num_beams=3, num_return_sequences=2, max_new_tokens=4, do_sample=False)
+        assert out[2 * row : 2 * row + 2, prompt_length:].tolist() == alone[:, single["input_ids"].shape[1]:].tolist()
