@@ -1,14 +1,17 @@
-"""The `demo` command: stock LLaVA next to LLaVA with VisionZip, on one image.
+"""The `demo` command: stock LLaVA next to LLaVA with VisionZip and LLaVA with TRIM, on one image.
 
 Without `--model` it needs nothing but this package: it builds a small LLaVA with random weights
-(`tiny.DEMO_SHAPE`: 336-pixel images, 576 patches as in LLaVA-1.5, narrow layers), saves it as a VisionZip
-checkpoint with its processor, loads that directory back through the Auto classes and compares it with stock
-LLaVA running on the same weights. With `--model` it does the same for a real checkpoint (stock llava-hf or
-VisionZip), loaded as VisionZip.
+(`tiny.DEMO_SHAPE`: 336-pixel images, 576 patches as in LLaVA-1.5, narrow layers) plus a random CLIP text
+tower and `visual_projection` for TRIM, saves a VisionZip and a TRIM checkpoint of those weights with their
+processors, loads the directories back through the Auto classes and compares them with stock LLaVA running
+on the same weights. With `--model` it does the same for a real checkpoint: a stock llava-hf or VisionZip one
+loads as VisionZip, and becomes TRIM through `convert trim` with the text tower of `--clip`; a TRIM checkpoint
+is used as it is (VisionZip then shares its weights).
 
-Both models get the same processor output (the prompt with all of the image's placeholders); the VisionZip
-model shortens it itself. Reported per model: image tokens the language model sees, median time of the vision
-tower + projector, of the language-model prefill alone and of a whole forward pass, plus a greedy answer.
+Every model gets the same processor output (the prompt with all of the image's placeholders; TRIM also gets
+the CLIP-tokenised question); the reduced models shorten it themselves. Reported per model: image tokens the
+language model sees and what they are made of, median time of the vision tower + projector (with the
+reduction), of the language-model prefill alone and of a whole forward pass, plus a greedy answer.
 """
 
 import argparse
@@ -24,27 +27,44 @@ from pathlib import Path
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent / "assets" / "sample.png"
 DEFAULT_QUESTION = "What is shown in this picture?"
-VISIONZIP_FIELDS = ("dominant_tokens", "contextual_tokens", "visionzip_layer")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+METHODS = ("both", "visionzip", "trim")
+# Checkpoint subfolders of the demo's directory, in the order of the table's columns.
+REDUCTIONS = ("visionzip", "trim")
+LLAVA_1_5_CLIP = "openai/clip-vit-large-patch14-336"
 RANDOM_WEIGHTS_NOTICE = (
     "NOTE: this model has random weights (built locally, never trained), so its text is gibberish.\n"
-    "      Token counts and timings are real; run `demo --model llava-hf/llava-1.5-7b-hf` for real answers."
+    "      Token counts and timings are real; for real answers run\n"
+    "      `demo --model llava-hf/llava-1.5-7b-hf --clip openai/clip-vit-large-patch14-336`."
+)
+RANDOM_TRIM_NOTICE = (
+    "      TRIM's kept count comes from a random CLIP: it shows the mechanism, the number itself means nothing."
 )
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="compare stock LLaVA and LLaVA with VisionZip on one image",
+        help="compare stock LLaVA, LLaVA with VisionZip and LLaVA with TRIM on one image",
         description=(
-            "Run stock LLaVA and LLaVA with VisionZip on the same image and prompt, and print image tokens, "
-            "timings and the generated text of each. Without --model, a small LLaVA with random weights is "
-            "built locally (no download): its timings are real, its text is gibberish."
+            "Run stock LLaVA, LLaVA with VisionZip and LLaVA with TRIM on the same weights, image and prompt, and "
+            "print image tokens, timings and the generated text of each. Without --model, a small LLaVA with "
+            "random weights is built locally (no download): its timings are real, its text is gibberish."
         ),
     )
     parser.add_argument(
         "--model", metavar="PATH_OR_HUB_ID",
-        help="a stock LLaVA checkpoint (e.g. llava-hf/llava-1.5-7b-hf) or a VisionZip one, loaded as VisionZip",
+        help="a stock LLaVA checkpoint (e.g. llava-hf/llava-1.5-7b-hf), a VisionZip one or a TRIM one",
+    )
+    parser.add_argument(
+        "--method", choices=METHODS, default="both",
+        help="which reductions to run next to stock LLaVA (default: both)",
+    )
+    parser.add_argument(
+        "--clip", metavar="CLIP_SRC",
+        help=f"with a stock LLaVA --model: the CLIP checkpoint of its vision tower, whose text tower TRIM needs "
+             f"(e.g. {LLAVA_1_5_CLIP}); the model is converted with `convert trim` first. Not needed for a TRIM "
+             "checkpoint",
     )
     parser.add_argument("--dominant-tokens", type=int, metavar="N", help="VisionZip dominant tokens, CLS included (default: the checkpoint's, else 54)")
     parser.add_argument("--contextual-tokens", type=int, metavar="N", help="VisionZip merged tokens (default: the checkpoint's, else 10)")
@@ -52,7 +72,8 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype; auto = bfloat16 on GPU, float32 on CPU")
     parser.add_argument(
         "--output", metavar="DIR",
-        help="keep the VisionZip checkpoint (weights, code, processor) in DIR instead of a temporary directory",
+        help="keep the checkpoints (weights, code, processor) in DIR/visionzip and DIR/trim instead of a "
+             "temporary directory",
     )
     parser.add_argument("--image", metavar="FILE", help="image to use (default: a bundled sample picture)")
     parser.add_argument("--question", default=DEFAULT_QUESTION, help=f"question about the image (default: {DEFAULT_QUESTION!r})")
@@ -73,13 +94,21 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_new_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.clip and not args.model:
+        raise CommandError("--clip goes with --model (a stock LLaVA checkpoint to build TRIM from); without --model "
+                           "the demo builds its own CLIP text tower")
+    if args.clip and args.method == "visionzip":
+        raise CommandError("--clip is only used for TRIM; drop it or use --method trim/both")
+    if args.method == "trim" and (args.dominant_tokens is not None or args.contextual_tokens is not None):
+        raise CommandError("--dominant-tokens/--contextual-tokens set the VisionZip budget; use --method visionzip/both")
     image_path = Path(args.image) if args.image else SAMPLE_IMAGE
     if not image_path.is_file():
         raise CommandError(f"image not found: {image_path}")
     report = run_demo(
-        model=args.model, dominant_tokens=args.dominant_tokens, contextual_tokens=args.contextual_tokens,
-        device=args.device, dtype=args.dtype, output=args.output, image=image_path, question=args.question,
-        max_new_tokens=args.max_new_tokens, repeats=args.repeats, seed=args.seed,
+        model=args.model, method=args.method, clip=args.clip, dominant_tokens=args.dominant_tokens,
+        contextual_tokens=args.contextual_tokens, device=args.device, dtype=args.dtype, output=args.output,
+        image=image_path, question=args.question, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+        seed=args.seed,
     )
     print(report.render())
     return 0
@@ -95,11 +124,13 @@ class Measurement:
 
     label: str
     image_tokens: int
+    made_of: str
     lm_sequence_length: int
     vision_ms: float
     prefill_ms: float
     forward_ms: float
     generate_ms: float
+    new_tokens: int
     text: str
 
 
@@ -112,39 +143,49 @@ class DemoReport:
     prompt_length: int
     repeats: int
     max_new_tokens: int
-    before: Measurement
-    after: Measurement
+    measurements: list[Measurement]  # stock LLaVA first, then the reduced models
+    trim_question: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def render(self) -> str:
-        b, a = self.before, self.after
+        stock, reduced = self.measurements[0], self.measurements[1:]
+
+        def row(label, value, text, change):
+            return (label, text(value(stock)), *(f"{text(value(m))} ({change(value(stock), value(m))})" for m in reduced))
+
         rows = [
-            ("image tokens per image", f"{b.image_tokens}", f"{a.image_tokens}", _percent(b.image_tokens, a.image_tokens)),
-            ("sequence seen by the LM", f"{b.lm_sequence_length}", f"{a.lm_sequence_length}", _percent(b.lm_sequence_length, a.lm_sequence_length)),
-            ("vision tower + projector (ms)", f"{b.vision_ms:.1f}", f"{a.vision_ms:.1f}", _speedup(b.vision_ms, a.vision_ms)),
-            ("LM prefill (ms)", f"{b.prefill_ms:.1f}", f"{a.prefill_ms:.1f}", _speedup(b.prefill_ms, a.prefill_ms)),
-            ("whole forward pass (ms)", f"{b.forward_ms:.1f}", f"{a.forward_ms:.1f}", _speedup(b.forward_ms, a.forward_ms)),
-            (f"generate {self.max_new_tokens} tokens (ms)", f"{b.generate_ms:.0f}", f"{a.generate_ms:.0f}", _speedup(b.generate_ms, a.generate_ms)),
+            row("image tokens per image", lambda m: m.image_tokens, str, _percent),
+            ("  made of", stock.made_of, *(m.made_of for m in reduced)),
+            row("sequence seen by the LM", lambda m: m.lm_sequence_length, str, _percent),
+            row("vision tower + projector (ms)", lambda m: m.vision_ms, "{:.1f}".format, _speedup),
+            row("LM prefill (ms)", lambda m: m.prefill_ms, "{:.1f}".format, _speedup),
+            row("whole forward pass (ms)", lambda m: m.forward_ms, "{:.1f}".format, _speedup),
+            row(f"generate up to {self.max_new_tokens} tokens (ms)", lambda m: m.generate_ms, "{:.0f}".format, _speedup),
+            ("  tokens generated", *(str(m.new_tokens) for m in self.measurements)),
         ]
-        header = ("", b.label, a.label, "change")
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+        header = ("", *(m.label for m in self.measurements))
+        widths = [max(len(cells[i]) for cells in [header, *rows]) for i in range(len(header))]
         line = lambda cells: "  ".join(  # noqa: E731
             cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(cells)
         ).rstrip()
         out = []
         if self.random_weights:
-            out += [RANDOM_WEIGHTS_NOTICE, ""]
+            out += [RANDOM_WEIGHTS_NOTICE, *([RANDOM_TRIM_NOTICE] if self.trim_question is not None else []), ""]
         out += [
             f"model: {self.source}",
-            f"device: {self.device}, dtype: {self.dtype}; prompt: {self.prompt_length} tokens from the processor; "
-            f"times are medians of {self.repeats} runs after a warm-up",
+            f"device: {self.device}, dtype: {self.dtype}; prompt: {self.prompt_length} tokens from the processor",
+            f"times: medians of {self.repeats} run{'s' if self.repeats > 1 else ''} after a warm-up; "
+            "(in brackets: the change from stock LLaVA)",
+        ]
+        if self.trim_question is not None:
+            out.append(f"TRIM's question (scored with the CLIP text tower): {self.trim_question!r}")
+        out += [
             "",
             line(header),
             line(["-" * w for w in widths]),
-            *(line(row) for row in rows),
+            *(line(cells) for cells in rows),
             "",
-            f"{b.label}: {b.text!r}",
-            f"{a.label}: {a.text!r}",
+            *(f"{m.label}: {m.text!r}" for m in self.measurements),
         ]
         if self.notes:
             out += ["", *self.notes]
@@ -167,6 +208,8 @@ def _speedup(before: float, after: float) -> str:
 
 def run_demo(
     model: str | None = None,
+    method: str = "both",
+    clip: str | None = None,
     dominant_tokens: int | None = None,
     contextual_tokens: int | None = None,
     device: str | None = None,
@@ -179,11 +222,17 @@ def run_demo(
     seed: int = 0,
     status=None,
 ) -> DemoReport:
-    """Load (or build) the models, measure both and return the report. `status(text)` receives progress lines
-    (default: stderr)."""
+    """Load (or build) the models, measure them and return the report. `method` is "both", "visionzip" or
+    "trim"; `clip` is the CLIP checkpoint TRIM takes its text tower from when `model` is a stock LLaVA.
+    `status(text)` receives progress lines (default: stderr)."""
     import torch
     from PIL import Image
 
+    from . import LlavaVisionZipConfig
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    methods = REDUCTIONS if method == "both" else (method,)
     status = status or _stderr_status
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _resolve_dtype(dtype, device)
@@ -192,72 +241,111 @@ def run_demo(
         for name, value in (("dominant_tokens", dominant_tokens), ("contextual_tokens", contextual_tokens))
         if value is not None
     }
+    for name, value in overrides.items():  # before anything is built or converted
+        LlavaVisionZipConfig.single_field_checks[name](value)
     notes = []
     with contextlib.ExitStack() as stack:
+        directory = Path(output or stack.enter_context(tempfile.TemporaryDirectory(prefix="llava-token-reduction-demo-")))
         if model is None:
-            directory = output or stack.enter_context(tempfile.TemporaryDirectory(prefix="llava-visionzip-demo-"))
-            with _step(status, "building a small LLaVA with random weights (576 patches per image)"):
-                _save_random_checkpoint(directory, torch_dtype, seed, overrides)
-            with _step(status, f"loading it back with AutoModelForImageTextToText from {directory}"):
-                reduced, processor = _load_auto(directory, device, torch_dtype)
-            notes.append(
-                f"The checkpoint was kept in {directory}." if output
-                else "The checkpoint was saved to a temporary directory and deleted; use --output DIR to keep it."
-            )
-            source = "small LLaVA with random weights, saved as a VisionZip checkpoint and reloaded"
+            with _step(status, "building a small LLaVA with random weights (576 patches per image) and a CLIP text tower"):
+                save_random_checkpoints(directory, torch_dtype, seed, overrides, methods)
+            loaded = {}
+            for name in methods:
+                with _step(status, f"loading it back with AutoModelForImageTextToText from {directory / name}"):
+                    loaded[name] = _load_auto(directory / name, device, torch_dtype)
+            source = "small LLaVA with random weights, saved as " + " and ".join(
+                f"a {_NAMES[name]} checkpoint" for name in methods
+            ) + " and reloaded"
         else:
-            with _step(status, f"loading {model} as LLaVA with VisionZip"):
-                reduced, processor = _load_as_visionzip(model, overrides, device, torch_dtype)
-            if output:
-                with _step(status, f"saving the VisionZip checkpoint and processor to {output}"):
-                    reduced.save_pretrained(output)
-                    processor.save_pretrained(output)
-                notes.append(f"The VisionZip checkpoint was saved to {output}.")
+            loaded = _load_checkpoint(
+                model, methods, clip, overrides, device, torch_dtype, directory, bool(output), status, notes
+            )
             source = model
-        reduced.eval()
-        stock = stock_twin(reduced)
-        config = reduced.config
+        written = [str(directory / name) for name in methods if (directory / name).is_dir()]
+        if written:
+            notes.append(
+                f"The checkpoints were kept in {' and '.join(written)}." if output
+                else "The checkpoints were saved to a temporary directory and deleted; use --output DIR to keep them."
+            )
 
         pil_image = Image.open(image).convert("RGB")
+        # A TRIM processor returns what the LLaVA processor does plus the CLIP rows: one call serves every model.
+        processor = loaded["trim" if "trim" in loaded else methods[0]][1]
         prompt = _prompt(processor, question)
-        inputs = processor(images=pil_image, text=prompt, return_tensors="pt").to(reduced.device)
+        inputs = processor(images=pil_image, text=prompt, return_tensors="pt")
+        first = loaded[methods[0]][0]
+        inputs = inputs.to(first.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
-        placeholders = int((inputs["input_ids"] == config.image_token_id).sum())
+        placeholders = int((inputs["input_ids"] == first.config.image_token_id).sum())
         if placeholders == 0:
             raise ValueError(
-                f"the processor put no image placeholders (token id {config.image_token_id}) in the prompt {prompt!r}"
+                f"the processor put no image placeholders (token id {first.config.image_token_id}) in the prompt {prompt!r}"
             )
 
-        label = f"VisionZip {config.dominant_tokens}+{config.contextual_tokens}"
-        with torch.inference_mode(), _step(status, f"timing stock LLaVA and {label} ({repeats} runs each)"):
-            runners = [
-                _Runner(stock, "stock LLaVA", inputs, max_new_tokens), _Runner(reduced, label, inputs, max_new_tokens)
-            ]
-            before, after = _measure(runners, processor, repeats)
+        candidates = [(stock_twin(first), "stock LLaVA", None)]
+        for name in methods:
+            reduced = loaded[name][0].eval()
+            candidates.append((reduced, _label(reduced), name))
+        labels = ", ".join(label for _, label, _ in candidates)
+        with torch.inference_mode(), _step(status, f"timing {labels} ({repeats} runs each)"):
+            runners = [_Runner(m, label, _inputs_for(name, inputs), max_new_tokens) for m, label, name in candidates]
+            measurements = _measure(runners, processor, repeats)
+        trim_question = None
+        if "trim" in loaded and hasattr(processor, "extract_questions"):
+            trim_question = processor.extract_questions(prompt)[0]
         return DemoReport(
-            source=source, random_weights=model is None, device=str(reduced.device),
+            source=source, random_weights=model is None, device=str(first.device),
             dtype=str(torch_dtype).removeprefix("torch."), prompt_length=int(inputs["input_ids"].shape[1]),
-            repeats=repeats, max_new_tokens=max_new_tokens, before=before, after=after, notes=notes,
+            repeats=repeats, max_new_tokens=max_new_tokens, measurements=measurements, trim_question=trim_question,
+            notes=notes,
         )
 
 
-def _save_random_checkpoint(directory, torch_dtype, seed: int, overrides: dict) -> None:
+_NAMES = {"visionzip": "VisionZip", "trim": "TRIM"}
+
+
+def _label(model) -> str:
+    config = model.config
+    if config.model_type == "llava_visionzip":
+        return f"VisionZip {config.dominant_tokens}+{config.contextual_tokens}"
+    return _NAMES.get(config.model_type.removeprefix("llava_"), config.model_type)
+
+
+def _inputs_for(name: str | None, inputs) -> dict:
+    """The processor output minus the per-image inputs (`image_side_input_names`) of the other reductions:
+    TRIM's CLIP rows go to TRIM only. `name` is "visionzip", "trim" or None for stock LLaVA."""
+    from . import LlavaTrimForConditionalGeneration, LlavaVisionZipForConditionalGeneration
+
+    side_inputs = {"visionzip": LlavaVisionZipForConditionalGeneration.image_side_input_names,
+                   "trim": LlavaTrimForConditionalGeneration.image_side_input_names}
+    foreign = {key for other, keys in side_inputs.items() if other != name for key in keys}
+    return {key: value for key, value in inputs.items() if key not in foreign}
+
+
+def save_random_checkpoints(directory, torch_dtype, seed: int, overrides: dict, methods=REDUCTIONS) -> None:
+    """Build one small LLaVA with random weights (and a random CLIP text tower + `visual_projection`) and save
+    it into `directory/<method>` as the checkpoint of each method in `methods`, with its processor: the
+    VisionZip checkpoint holds exactly the LLaVA weights of the TRIM one."""
     import torch
 
-    from . import LlavaVisionZipConfig, LlavaVisionZipForConditionalGeneration
-    from .tiny import DEMO_SHAPE, build_processor, llava_config_kwargs
+    from . import LlavaTrimConfig, LlavaTrimForConditionalGeneration, LlavaVisionZipForConditionalGeneration
+    from .tiny import DEMO_SHAPE, build_trim_processor, trim_config_kwargs
 
-    processor = build_processor(DEMO_SHAPE)
-    config = LlavaVisionZipConfig(**llava_config_kwargs(DEMO_SHAPE, processor.tokenizer), **overrides)
+    processor = build_trim_processor(DEMO_SHAPE)
+    config = LlavaTrimConfig(**trim_config_kwargs(DEMO_SHAPE, processor.tokenizer, processor.clip_tokenizer))
     torch.manual_seed(seed)
-    model = LlavaVisionZipForConditionalGeneration(config).to(torch_dtype)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
+    model = LlavaTrimForConditionalGeneration(config).to(torch_dtype)
+    for name in methods:
+        parts = (model, processor) if name == "trim" else (
+            twin(model, LlavaVisionZipForConditionalGeneration, **overrides), llava_processor(processor)
+        )
+        for part in parts:
+            part.save_pretrained(Path(directory) / name)
 
 
 def _load_auto(directory, device: str, torch_dtype):
-    """Load a saved VisionZip checkpoint the way a user would: Auto classes with remote code allowed."""
+    """Load a saved checkpoint the way a user would: Auto classes with remote code allowed."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model, info = AutoModelForImageTextToText.from_pretrained(
@@ -268,17 +356,74 @@ def _load_auto(directory, device: str, torch_dtype):
     return model, processor
 
 
-def _load_as_visionzip(source: str, overrides: dict, device: str, torch_dtype):
-    from transformers import AutoProcessor, PretrainedConfig
+def _load_checkpoint(source: str, methods, clip, overrides: dict, device: str, torch_dtype, directory: Path,
+                     keep: bool, status, notes: list) -> dict:
+    """The models of `methods` on the weights of `source`, each as (model, processor). A TRIM model (loaded, or
+    converted from stock LLaVA with `clip`'s text tower) is the base the VisionZip model then shares; without
+    TRIM, VisionZip loads from `source` directly. A converted TRIM checkpoint is written to `directory/trim`, and
+    with `keep` the VisionZip one to `directory/visionzip`."""
+    from transformers import PretrainedConfig
 
     from . import LlavaVisionZipForConditionalGeneration
 
     model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
-    if model_type not in ("llava", "llava_visionzip"):
+    if model_type not in ("llava", "llava_visionzip", "llava_trim"):
         raise ValueError(
-            f"{source} has model_type {model_type!r}; the demo takes stock LLaVA ('llava') or VisionZip "
-            "('llava_visionzip') checkpoints"
+            f"{source} has model_type {model_type!r}; the demo takes stock LLaVA ('llava'), VisionZip "
+            "('llava_visionzip') or TRIM ('llava_trim') checkpoints"
         )
+    needs_conversion = "trim" in methods and model_type != "llava_trim"
+    if model_type == "llava_trim" and clip:
+        raise ValueError(f"{source} is a TRIM checkpoint and carries its CLIP text tower already; drop --clip")
+    if needs_conversion and model_type == "llava_visionzip":
+        raise ValueError(
+            f"{source} is a VisionZip checkpoint; TRIM is built from the stock LLaVA checkpoint it came from "
+            "(--model LLAVA --clip CLIP_SRC), or use --method visionzip"
+        )
+    if needs_conversion and not clip:
+        raise ValueError(
+            f"TRIM needs the CLIP text tower of {source}'s vision tower, which a stock LLaVA checkpoint lacks: pass "
+            f"--clip CLIP_SRC (for LLaVA-1.5: {LLAVA_1_5_CLIP}), or use --method visionzip"
+        )
+
+    loaded = {}
+    if needs_conversion:
+        from .conversion import convert_trim
+
+        target = directory / "trim"
+        with _step(status, f"converting {source} to TRIM with the CLIP text tower of {clip} (`convert trim`) into {target}"):
+            result = convert_trim(source, target, clip=clip, progress=False, overwrite=True)
+        notes += [f"convert trim: {note}" for note in result.notes if not note.startswith("took ")]
+        source_of_trim = target
+    else:
+        source_of_trim = source
+    if "trim" in methods or model_type == "llava_trim":
+        with _step(status, f"loading {source_of_trim} with AutoModelForImageTextToText"):
+            loaded["trim"] = _load_auto(source_of_trim, device, torch_dtype)
+    if "visionzip" in methods:
+        if "trim" in loaded:
+            trim_model, trim_processor = loaded["trim"]
+            loaded["visionzip"] = (
+                twin(trim_model, LlavaVisionZipForConditionalGeneration, **overrides), llava_processor(trim_processor)
+            )
+        else:
+            with _step(status, f"loading {source} as LLaVA with VisionZip"):
+                loaded["visionzip"] = _load_as_visionzip(source, model_type, overrides, device, torch_dtype)
+    for name in [name for name in loaded if name not in methods]:
+        del loaded[name]  # a TRIM checkpoint that only lent VisionZip its weights
+    if "visionzip" in loaded and keep:
+        target = directory / "visionzip"
+        with _step(status, f"saving the VisionZip checkpoint and processor to {target}"):
+            for part in loaded["visionzip"]:
+                part.save_pretrained(target)
+    return loaded
+
+
+def _load_as_visionzip(source: str, model_type: str, overrides: dict, device: str, torch_dtype):
+    from transformers import AutoProcessor
+
+    from . import LlavaVisionZipForConditionalGeneration
+
     # Loading a `llava` checkpoint into the VisionZip class is intended, so transformers' warning about the
     # differing model type is silenced; weights that fail to load are still caught by the loading-info check.
     quiet = _transformers_errors_only() if model_type == "llava" else contextlib.nullcontext()
@@ -313,28 +458,59 @@ def _check_loading_info(source, info: dict) -> None:
         )
 
 
-def stock_twin(model):
-    """A stock `LlavaForConditionalGeneration` that shares every module (and so every weight) with `model`,
-    a LLaVA subclass: the "before" of the comparison at no extra memory."""
-    import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def llava_processor(processor):
+    """A stock `LlavaProcessor` with the image processor, tokenizer and settings of `processor` (e.g. the
+    LLaVA part of a `LlavaTrimProcessor`), for a VisionZip checkpoint of the same weights."""
+    from transformers import LlavaProcessor
 
-    fields = model.config.to_dict()
-    for name in (*VISIONZIP_FIELDS, "model_type", "auto_map", "architectures", "transformers_version"):
-        fields.pop(name, None)
-    config = LlavaConfig(**fields)
+    return LlavaProcessor(
+        image_processor=processor.image_processor, tokenizer=processor.tokenizer, patch_size=processor.patch_size,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        num_additional_image_tokens=processor.num_additional_image_tokens, chat_template=processor.chat_template,
+        image_token=processor.image_token,
+    )
+
+
+def twin(model, model_class, **fields):
+    """A `model_class` (stock `LlavaForConditionalGeneration` or one of this package's LLaVA classes) that
+    shares the vision tower, projector, language model and LM head (and so every LLaVA weight) with `model`,
+    another of them: a second model on the same weights at no extra memory. The config is `model`'s minus its
+    reduction fields, plus `fields`."""
+    import torch
+    from transformers import LlavaConfig
+
+    from . import LlavaTrimConfig, LlavaVisionZipConfig
+
+    stock_fields = set(LlavaConfig().to_dict())
+    reduction_fields = {
+        name for config_class in (LlavaVisionZipConfig, LlavaTrimConfig) for name in config_class().to_dict()
+        if name not in stock_fields
+    }
+    values = {
+        name: value for name, value in model.config.to_dict().items()
+        if name not in reduction_fields and name not in ("model_type", "auto_map", "architectures", "transformers_version")
+    }
+    config = model_class.config_class(**values, **fields)
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):
-        twin = LlavaForConditionalGeneration(config)
-    twin.model.vision_tower = model.model.vision_tower
-    twin.model.multi_modal_projector = model.model.multi_modal_projector
-    twin.model.language_model = model.model.language_model
-    twin.lm_head = model.lm_head
-    twin.generation_config = model.generation_config
-    leftovers = [name for name, tensor in [*twin.named_parameters(), *twin.named_buffers()] if tensor.is_meta]
+        result = model_class(config)
+    result.model.vision_tower = model.model.vision_tower
+    result.model.multi_modal_projector = model.model.multi_modal_projector
+    result.model.language_model = model.model.language_model
+    result.lm_head = model.lm_head
+    result.generation_config = model.generation_config
+    leftovers = [name for name, tensor in [*result.named_parameters(), *result.named_buffers()] if tensor.is_meta]
     if leftovers and not any(tensor.is_meta for tensor in model.parameters()):
-        raise RuntimeError(f"stock twin has modules that are not shared with the model: {leftovers[:3]}")
-    return twin.eval()
+        raise RuntimeError(f"{model_class.__name__} twin has modules that are not shared with the model: {leftovers[:3]}")
+    return result.eval()
+
+
+def stock_twin(model):
+    """A stock `LlavaForConditionalGeneration` on the weights of `model` (see `twin`): the "before" of the
+    comparison at no extra memory."""
+    from transformers import LlavaForConditionalGeneration
+
+    return twin(model, LlavaForConditionalGeneration)
 
 
 class _Runner:
@@ -349,14 +525,17 @@ class _Runner:
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         )
+        # The reduction's own per-image inputs (TRIM's CLIP rows) go with the pixels.
+        for name in getattr(model, "image_side_input_names", ()):
+            self.vision_kwargs[name] = inputs[name]
         self.generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
-        self.features = list(self.vision())
+        output = self.vision()
+        self.features = list(output.pooler_output)
+        self.made_of = made_of(model, output)
         self.embeds = splice_image_features(model, inputs["input_ids"], self.features)
 
     def vision(self):
-        return self.model.model.get_image_features(
-            pixel_values=self.inputs["pixel_values"], **self.vision_kwargs
-        ).pooler_output
+        return self.model.model.get_image_features(pixel_values=self.inputs["pixel_values"], **self.vision_kwargs)
 
     def prefill(self):
         hidden = self.model.model.language_model(inputs_embeds=self.embeds, use_cache=False).last_hidden_state
@@ -388,14 +567,28 @@ def _measure(runners: list, processor, repeats: int) -> list[Measurement]:
     measurements = []
     for index, runner in enumerate(runners):
         prompt_length = runner.inputs["input_ids"].shape[1]
-        text = processor.decode(sequences[index][0, prompt_length:], skip_special_tokens=True).strip()
+        new_tokens = sequences[index][0, prompt_length:]
+        text = processor.decode(new_tokens, skip_special_tokens=True).strip()
         medians = {kind: statistics.median(times[index, kind]) * 1000 for kind in kinds}
         measurements.append(Measurement(
-            label=runner.label, image_tokens=int(runner.features[0].shape[0]),
+            label=runner.label, image_tokens=int(runner.features[0].shape[0]), made_of=runner.made_of,
             lm_sequence_length=int(runner.embeds.shape[1]), vision_ms=medians["vision"],
-            prefill_ms=medians["prefill"], forward_ms=medians["forward"], generate_ms=medians["generate"], text=text,
+            prefill_ms=medians["prefill"], forward_ms=medians["forward"], generate_ms=medians["generate"],
+            new_tokens=len(new_tokens), text=text,
         ))
     return measurements
+
+
+def made_of(model, output) -> str:
+    """What the first image's tokens are, from the config and the `get_image_features` output of `model`."""
+    config = model.config
+    kept = getattr(output, "kept_indices", None)
+    if kept is not None:  # TRIM: an adaptive count of patches, then (usually) the mean of the others
+        extra = len(output.pooler_output[0]) - len(kept[0])
+        return f"{len(kept[0])} kept" + (f" + {extra} mean" if extra else "")
+    if getattr(config, "dominant_tokens", None) is not None:
+        return f"{config.dominant_tokens} dominant + {config.contextual_tokens} merged"
+    return "all patches"
 
 
 def splice_image_features(model, input_ids, features):
