@@ -311,3 +311,16 @@ def test_batched_beam_search_rows_equal_each_prompt_alone(model, processor):
         single = processor(images=group, text=[prompt], return_tensors="pt")
         alone = model.generate(**single, num_beams=3, num_return_sequences=2, max_new_tokens=4, do_sample=False)
         assert out[2 * row : 2 * row + 2, prompt_length:].tolist() == alone[:, single["input_ids"].shape[1]:].tolist()
+
+
+def test_generate_with_disk_offload_matches_in_memory(config_kwargs, processor, tmp_path):
+    model = _build(LlavaVisionZipForConditionalGeneration, config_kwargs)
+    model.save_pretrained(tmp_path / "checkpoint")
+    inputs = processor(images=images(1), text=[PROMPTS[0]], return_tensors="pt")
+    expected = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    offloaded = LlavaVisionZipForConditionalGeneration.from_pretrained(
+        tmp_path / "checkpoint", device_map="auto", max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "offload"
+    )
+    assert set(offloaded.hf_device_map.values()) == {"disk"}
+    offloaded.generation_config.suppress_tokens = model.generation_config.suppress_tokens
+    assert torch.equal(offloaded.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False), expected)
