@@ -137,12 +137,16 @@ def stock_llava_model(make_llava_config):
     return model.eval()
 
 
+def save_checkpoint(model, processor, directory):
+    """Save `model` and `processor` side by side, as a user ships a checkpoint; returns `directory`."""
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def stock_llava_dir(stock_llava_model, tiny_processor, tmp_path_factory):
-    path = tmp_path_factory.mktemp("stock_llava")
-    stock_llava_model.save_pretrained(path)
-    tiny_processor.save_pretrained(path)
-    return path
+    return save_checkpoint(stock_llava_model, tiny_processor, tmp_path_factory.mktemp("stock_llava"))
 
 
 @pytest.fixture(scope="session")
@@ -152,10 +156,7 @@ def visionzip_model(make_visionzip_model):
 
 @pytest.fixture(scope="session")
 def visionzip_checkpoint_dir(visionzip_model, tiny_processor, tmp_path_factory):
-    path = tmp_path_factory.mktemp("visionzip_checkpoint")
-    visionzip_model.save_pretrained(path)
-    tiny_processor.save_pretrained(path)
-    return path
+    return save_checkpoint(visionzip_model, tiny_processor, tmp_path_factory.mktemp("visionzip_checkpoint"))
 
 
 _ISOLATION_PREAMBLE = """\

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from conftest import save_checkpoint
 from test_trim_algorithm import reference_trim
 from transformers import (
     AutoModel,
@@ -65,10 +66,7 @@ def clip_inputs(processor):
 
 @pytest.fixture(scope="module")
 def trim_checkpoint_dir(trim_model, processor, tmp_path_factory):
-    path = tmp_path_factory.mktemp("trim_checkpoint")
-    trim_model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_checkpoint(trim_model, processor, tmp_path_factory.mktemp("trim_checkpoint"))
 
 
 def pixels(batch, seed=0):
