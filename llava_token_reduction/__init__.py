@@ -4,7 +4,7 @@ Importing this package registers the model types with transformers' Auto classes
 `AutoModelForImageTextToText.from_pretrained(...)` resolves them without remote code.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, LlavaProcessor
 
 from .configuration import LlavaTrimConfig, LlavaVisionZipConfig
 from .modeling import (
@@ -21,6 +21,8 @@ __version__ = "0.1.0"
 AutoConfig.register(LlavaVisionZipConfig.model_type, LlavaVisionZipConfig, exist_ok=True)
 AutoModel.register(LlavaVisionZipConfig, LlavaVisionZipModel, exist_ok=True)
 AutoModelForImageTextToText.register(LlavaVisionZipConfig, LlavaVisionZipForConditionalGeneration, exist_ok=True)
+# VisionZip needs nothing beyond the stock processor: the model shortens the prompt itself.
+AutoProcessor.register(LlavaVisionZipConfig, LlavaProcessor, exist_ok=True)
 AutoConfig.register(LlavaTrimConfig.model_type, LlavaTrimConfig, exist_ok=True)
 AutoModel.register(LlavaTrimConfig, LlavaTrimModel, exist_ok=True)
 AutoModelForImageTextToText.register(LlavaTrimConfig, LlavaTrimForConditionalGeneration, exist_ok=True)
