@@ -177,10 +177,15 @@ class _Conversion:
     def read_source(self) -> None:
         self.src_dir = resolve_checkpoint(self.request.src, "SRC")
         self.src_config = read_config(self.src_dir, "SRC")
-        if self.src_dir.resolve() == self.out or self.out in self.src_dir.resolve().parents:
-            raise ConversionError(f"output {self.out} would replace SRC {self.src_dir}; choose another OUT")
+        self._refuse_input_in_output(self.src_dir, "SRC")
         self.src = TensorSource.from_directory(self.src_dir, "SRC")
         self.format = self._detect_format()
+
+    def _refuse_input_in_output(self, path: Path, what: str) -> None:
+        """OUT is replaced (with --overwrite) after the conversion: it must not be, or hold, one of the inputs."""
+        path = Path(path).resolve()
+        if path == self.out or self.out in path.parents:
+            raise ConversionError(f"output {self.out} would replace {what} {path}; choose another OUT")
 
     def _detect_format(self) -> str:
         config, keys = self.src_config, self.src.keys()
@@ -255,6 +260,7 @@ class _Conversion:
         )
         self.clip_reference = reference
         self.clip_dir = resolve_checkpoint(reference, f"CLIP ({why})", weights=need_weights)
+        self._refuse_input_in_output(self.clip_dir, "the CLIP checkpoint")
         clip_config = read_config(self.clip_dir, "CLIP")
         from transformers import CLIPConfig, CLIPVisionConfig
 
@@ -344,7 +350,9 @@ class _Conversion:
     def apply_projector(self) -> None:
         if self.request.projector is None:
             return
-        source = TensorSource.from_file(Path(os.path.expanduser(self.request.projector)), "projector")
+        path = Path(os.path.expanduser(self.request.projector))
+        self._refuse_input_in_output(path, "the projector file")
+        source = TensorSource.from_file(path, "projector")
         found = {}
         for key in source.keys():
             target = map_projector_key(key)

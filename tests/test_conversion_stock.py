@@ -371,3 +371,16 @@ def test_request_validation():
         converter.convert(converter.ConversionRequest(method="prune", src="a", out="b"))
     with pytest.raises(ConversionError, match="--dtype"):
         converter.convert(converter.ConversionRequest(method="trim", src="a", out="b", dtype="int8"))
+
+
+def test_output_may_not_replace_the_clip_checkpoint_or_projector(stock, clip_dir, tmp_path, capsys):
+    # --overwrite replaces OUT after the conversion: inputs inside it would be deleted.
+    out = tmp_path / "inputs_inside"
+    shutil.copytree(clip_dir[0], out / "clip")
+    line = _one_line_error(capsys, "trim", stock[0], out, "--clip", out / "clip", "--overwrite")
+    assert "would replace the CLIP checkpoint" in line and (out / "clip" / "config.json").is_file()
+    projector = out / "mm_projector.safetensors"
+    save_file({k: v.contiguous() for k, v in load_file(stock[0] / "model.safetensors").items()
+               if k.startswith("multi_modal_projector.")}, projector)
+    line = _one_line_error(capsys, "visionzip", stock[0], out, "--projector", projector, "--overwrite")
+    assert "would replace the projector file" in line and projector.is_file()
