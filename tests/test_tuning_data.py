@@ -179,3 +179,20 @@ def test_text_only_records_are_kept_or_dropped(tmp_path):
     data, folder = write_dataset(tmp_path, count=1, extra_records=[text_only])
     assert [s.record_id for s in load_samples(data, folder)[0]] == ["sample0", "t"]
     assert [s.record_id for s in load_samples(data, folder, skip_text_only=True)[0]] == ["sample0"]
+
+
+def test_a_chat_template_that_writes_the_eos_gets_one_eos_per_answer(image_token_id, tmp_path):
+    processor = build_processor()
+    processor.chat_template = (
+        "{%- for m in messages -%}{{ m['role'] | upper }}{{ ': ' }}"
+        "{%- for part in m['content'] if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+        "{%- for part in m['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+        "{%- if m['role'] == 'assistant' -%}{{ eos_token }}{%- else -%}{{ ' ' }}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT: ' }}{%- endif -%}"
+    )
+    sample = parse_record(conversation("a", "red", second_turn=True), 0, tmp_path)
+    input_ids, labels = make_encoder(processor, image_token_id).encode(sample)
+    eos = processor.tokenizer.eos_token_id
+    assert input_ids.count(eos) == 2, processor.tokenizer.decode(input_ids)
+    targets = processor.tokenizer.decode([label for label in labels if label != IGNORE_INDEX])
+    assert targets.replace(" ", "") == "Itisred.</s>Yes,red.</s>"

@@ -12,8 +12,8 @@ Record format (LLaVA-1.5's `llava_v1_5_mix665k.json`), as a JSON list or as JSON
 
 Encoding. The prompt is rendered turn by turn, either with the processor's chat template or with LLaVA-1.5's
 own conversation format (`llava-v1`: system prompt, `USER: ... ASSISTANT: ...</s>`). Every assistant answer
-plus an end-of-sequence token is a target; everything else (system prompt, user turns, role markers, image
-placeholders, padding) is labelled -100. Each `<image>` becomes the processor's full placeholder run; the
+plus one end-of-sequence token (the template's own when it writes one) is a target; everything else (system
+prompt, user turns, role markers, image placeholders, padding) is labelled -100. Each `<image>` becomes the processor's full placeholder run; the
 model reduces the image and compacts the placeholders and labels itself.
 
 TRIM's question (the text the CLIP tower scores patches against) follows evaluation semantics: for each image,
@@ -440,7 +440,7 @@ class ConversationEncoder:
             if number == 0 and self.bos_id is not None and bos_text and text.startswith(bos_text):
                 text = text[len(bos_text):]  # the template wrote BOS itself
             ids = self._tokens(text)
-            if is_target:
+            if is_target and (not ids or ids[-1] != self.eos_id):  # a chat template may write the EOS itself
                 ids = ids + [self.eos_id]
             input_ids.extend(ids)
             labels.extend(ids if is_target else [IGNORE_INDEX] * len(ids))
