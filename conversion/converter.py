@@ -609,6 +609,7 @@ class _Conversion:
             config, repo_id=self.repo_id(), base_models=self.base_models(), license=self.license(),
             tuned_projector=self.request.projector is not None, source_format=self.format,
             source_is_trim_trained=self.format == "original" and self._src_has(CLIP_TEXT_PREFIX),
+            extra_notes=[note for note in self.notes if note.startswith("WARNING")],  # e.g. a --force'd mismatch
         )
 
     def repo_id(self) -> str:

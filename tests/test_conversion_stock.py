@@ -273,6 +273,7 @@ def test_clip_mismatch_is_refused_unless_forced(stock, other_clip_dir, tmp_path,
     status, stdout, stderr = _cli(capsys, "trim", stock[0], out, "--clip", other_clip_dir[0], "--force", "--no-progress")
     assert status == 0, stderr
     assert "WARNING (--force)" in stdout
+    assert "WARNING (--force)" in (out / "README.md").read_text()  # the published card says so too
     model, _ = _load(out)
     _assert_same_llava_weights(model, stock[1])  # SRC's vision tower is kept
 
