@@ -908,6 +908,10 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         raise CommandError("--warmup must be >= 0")
+    for name in ("lm_layers", "vision_layers", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
     known = {m.name: m for m in DEFAULT_METHODS}

@@ -103,3 +103,11 @@ def test_timing_hooks_leave_the_model_as_it_was(tiny_report):
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
     assert model.model.vision_tower.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("option", ["--lm-layers", "--vision-layers", "--threads"])
+def test_a_count_below_one_is_refused_by_name(option, capsys):
+    from llava_token_reduction.cli import main
+
+    assert main(["bench", "--preset", "tiny", option, "0"]) == 1
+    assert f"{option} must be >= 1, got 0" in capsys.readouterr().err
