@@ -717,7 +717,12 @@ class _Conversion:
                 shutil.rmtree(staging, ignore_errors=True)
         result.out = self.out
         if self.request.push_to_hub:
-            push_to_hub(self.out, self.request.push_to_hub, private=self.request.private)
+            try:
+                push_to_hub(self.out, self.request.push_to_hub, private=self.request.private)
+            except KeyboardInterrupt:  # OUT is complete: do not let the caller report that nothing was written
+                raise ConversionError(
+                    f"written and verified {self.out}, but the upload to {self.request.push_to_hub} was interrupted"
+                ) from None
             result.pushed_to = self.request.push_to_hub
         return result
 

@@ -385,3 +385,19 @@ def test_output_may_not_replace_the_clip_checkpoint_or_projector(stock, clip_dir
                if k.startswith("multi_modal_projector.")}, projector)
     line = _one_line_error(capsys, "visionzip", stock[0], out, "--projector", projector, "--overwrite")
     assert "would replace the projector file" in line and projector.is_file()
+
+
+def test_interrupted_upload_reports_the_written_output(stock, tmp_path, monkeypatch, capsys):
+    class InterruptedApi:
+        def create_repo(self, repo_id, **kwargs):
+            pass
+
+        def upload_folder(self, **kwargs):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("huggingface_hub.HfApi", InterruptedApi)
+    out = tmp_path / "written"
+    status, _, stderr = _cli(capsys, "visionzip", stock[0], out, "--push-to-hub", "acme/x", "--no-progress")
+    assert status == 1 and "nothing was written" not in stderr
+    assert "written and verified" in stderr and "interrupted" in stderr and len(stderr.strip().splitlines()) == 1
+    assert (out / "config.json").is_file()
