@@ -918,7 +918,8 @@ def run(args: argparse.Namespace) -> int:
     wanted = [name.strip() for name in args.methods.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in known]
     if unknown or not wanted:
-        raise CommandError(f"unknown method(s) {unknown}; choose from {', '.join(known)}")
+        what = f"unknown method(s) {', '.join(unknown)}" if unknown else "--methods names no method"
+        raise CommandError(f"{what}; choose from {', '.join(known)}")
     methods = [known[name] for name in wanted]
     image_path = Path(args.image) if args.image else SAMPLE_IMAGE
     if not image_path.is_file():

@@ -111,3 +111,12 @@ def test_a_count_below_one_is_refused_by_name(option, capsys):
 
     assert main(["bench", "--preset", "tiny", option, "0"]) == 1
     assert f"{option} must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("methods,reason", [("stock,vz64", "unknown method(s) vz64;"), (",", "--methods names no method;")])
+def test_bad_methods_are_named_with_the_choices(methods, reason, capsys):
+    from llava_token_reduction.cli import main
+
+    assert main(["bench", "--preset", "tiny", "--methods", methods]) == 1
+    error = capsys.readouterr().err
+    assert reason in error and "choose from stock, visionzip-192, visionzip-128, visionzip-64, trim" in error
