@@ -319,6 +319,13 @@ def build_checkpoint_workload(path: str, image, question: str, methods, dtype: s
         lm_hidden=text.hidden_size, lm_intermediate=text.intermediate_size, lm_layers=text.num_hidden_layers,
         lm_heads=text.num_attention_heads, lm_kv_heads=text.num_key_value_heads, lm_vocab=text.vocab_size,
     )
+    clip_text = getattr(base.config, "clip_text_config", None)
+    if clip_text is not None:  # report the checkpoint's CLIP text tower, not the ViT-L/14 defaults
+        shape = replace(
+            shape, projection_dim=base.config.projection_dim, clip_text_hidden=clip_text.hidden_size,
+            clip_text_intermediate=clip_text.intermediate_size, clip_text_layers=clip_text.num_hidden_layers,
+            clip_text_heads=clip_text.num_attention_heads, clip_text_vocab=clip_text.vocab_size,
+        )
     common = dict(
         vision_config=vision, text_config=text, image_token_index=base.config.image_token_id,
         image_seq_length=base.config.image_seq_length, pad_token_id=getattr(base.config, "pad_token_id", None),

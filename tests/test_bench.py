@@ -120,3 +120,23 @@ def test_bad_methods_are_named_with_the_choices(methods, reason, capsys):
     assert main(["bench", "--preset", "tiny", "--methods", methods]) == 1
     error = capsys.readouterr().err
     assert reason in error and "choose from stock, visionzip-192, visionzip-128, visionzip-64, trim" in error
+
+
+def test_checkpoint_workload_reports_the_checkpoints_own_shapes(tmp_path):
+    from llava_token_reduction import LlavaTrimConfig, LlavaTrimForConditionalGeneration
+    from llava_token_reduction.tiny import build_trim_processor, trim_config_kwargs
+
+    processor = build_trim_processor()
+    config = LlavaTrimConfig(**trim_config_kwargs(tokenizer=processor.tokenizer))
+    LlavaTrimForConditionalGeneration(config).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    image = Image.open(bench.SAMPLE_IMAGE).convert("RGB")
+    methods = [m for m in bench.DEFAULT_METHODS if m.kind in ("stock", "trim")]
+    workload = bench.build_checkpoint_workload(str(tmp_path), image, "What is here?", methods)
+    shape, clip_text = workload.shape, config.clip_text_config
+    assert workload.random_weights is False and list(workload.models) == ["stock", "trim"]
+    assert (shape.lm_hidden, shape.lm_layers, shape.vision_hidden, shape.vision_layers) == (
+        config.text_config.hidden_size, config.text_config.num_hidden_layers,
+        config.vision_config.hidden_size, config.vision_config.num_hidden_layers)
+    assert (shape.clip_text_hidden, shape.clip_text_layers, shape.clip_text_intermediate, shape.projection_dim) == (
+        clip_text.hidden_size, clip_text.num_hidden_layers, clip_text.intermediate_size, config.projection_dim)
