@@ -492,7 +492,6 @@ class _Conversion:
                             num_additional_image_tokens=1, chat_template=getattr(tokenizer, "chat_template", None)
                             or LLAVA_CHAT_TEMPLATE)
         image_token = getattr(tokenizer, "image_token", None) or "<image>"
-        self.rows_before = len(tokenizer)
         if image_token not in tokenizer.get_vocab():
             tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
             self.added.append(f"tokenizer token {image_token!r} (id {tokenizer.convert_tokens_to_ids(image_token)})")
@@ -573,9 +572,6 @@ class _Conversion:
             if unmapped and self.method == "visionzip" and any(CLIP_TEXT_PREFIX in u or "text_tower" in u for u in unmapped):
                 hint = " (SRC carries a CLIP text tower: did you mean `convert trim`?)"
             raise ConversionError("cannot map SRC onto the model: " + " | ".join(problems) + hint)
-        for key in self.plan:
-            if key not in expected:
-                del self.plan[key]
 
     def expected_tensor(self, key: str) -> torch.Tensor:
         return _cast(self.plan[key].load(), self.out_dtype)
