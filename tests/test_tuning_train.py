@@ -204,3 +204,12 @@ def test_console_command_has_tune(capsys):
     with pytest.raises(SystemExit) as raised:
         cli_main(["tune", "--help"])
     assert raised.value.code == 0 and "--trainable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_save_total_limit_below_one_is_refused(checkpoints, dataset, tmp_path, capsys, limit):
+    data_file, folder = dataset
+    argv = ["--model", checkpoints["visionzip"], "--data", data_file, "--image-folder", folder, "--output-dir",
+            tmp_path / "out", "--no-progress", "--max-steps", 2, "--save-steps", 1, "--save-total-limit", limit]
+    assert main(list(map(str, argv))) == 1
+    assert f"--save-total-limit must be >= 1 (or left out to keep every state), got {limit}" in capsys.readouterr().err

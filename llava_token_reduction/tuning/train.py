@@ -239,6 +239,8 @@ class Tuner:
             raise TuningError(f"--max-steps must be >= 1, got {args.max_steps}")
         if args.save_steps < 0:
             raise TuningError(f"--save-steps must be >= 0, got {args.save_steps}")
+        if args.save_total_limit is not None and args.save_total_limit < 1:
+            raise TuningError(f"--save-total-limit must be >= 1 (or left out to keep every state), got {args.save_total_limit}")
         if not 0 <= args.warmup_ratio < 1:
             raise TuningError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
         if not Path(args.model).is_dir():
