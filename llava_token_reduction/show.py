@@ -57,7 +57,7 @@ def visionzip_selection(model, pixel_values) -> Selection:
     import torch
 
     from .modeling.modeling_reduced_llava import capture_outputs_of
-    from .modeling.token_reduction import cls_attention_scores, visionzip_assignment
+    from .modeling.token_reduction import cls_attention_scores, contextual_target_positions, visionzip_assignment
 
     config = model.config
     inner = model.model
@@ -74,12 +74,10 @@ def visionzip_selection(model, pixel_values) -> Selection:
     patches = cls_attention.shape[1] - 1
     grid = int(round(patches**0.5))
     per_patch = [-1] * patches
-    targets = [None] * config.contextual_tokens
     for position, owner in zip(rest[0].tolist(), group[0].tolist()):
         per_patch[position - 1] = owner
-    step = max(1, rest.shape[1] // config.contextual_tokens) if config.contextual_tokens else 0
-    for index in range(config.contextual_tokens):
-        targets[index] = rest[0, index * step].item() - 1
+    target_positions = contextual_target_positions(rest.shape[1], config.contextual_tokens) if config.contextual_tokens else []
+    targets = [rest[0, int(index)].item() - 1 for index in target_positions]
     kept_patches = [position - 1 for position in kept[0].tolist() if position > 0]
     return Selection(
         method="visionzip", grid=grid, kept=kept_patches, group=per_patch, targets=targets,

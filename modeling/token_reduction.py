@@ -66,6 +66,13 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 # Merging ---------------------------------------------------------------------------------------------
 
 
+def contextual_target_positions(remaining: int, contextual_tokens: int, device=None) -> torch.Tensor:
+    """VisionZip's merge targets: positions `0, step, 2*step, ...` (`step = max(1, R // C)`, first `C`) in the
+    list of the `R` not-kept tokens."""
+    step = max(1, remaining // contextual_tokens)
+    return torch.arange(contextual_tokens, device=device) * step
+
+
 def contextual_targets_and_owners(rest_keys: torch.Tensor, contextual_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where VisionZip's contextual merge puts each not-kept token (the merge without the arithmetic).
 
@@ -82,9 +89,8 @@ def contextual_targets_and_owners(rest_keys: torch.Tensor, contextual_tokens: in
         `owner`: `[B, R - C]` long, for each source in order, the index (`0..C-1`) of its target.
     """
     remaining = rest_keys.shape[1]
-    step = max(1, remaining // contextual_tokens)
     target_mask = torch.zeros(remaining, dtype=torch.bool, device=rest_keys.device)
-    target_mask[torch.arange(contextual_tokens, device=rest_keys.device) * step] = True
+    target_mask[contextual_target_positions(remaining, contextual_tokens, rest_keys.device)] = True
     # The released code divides by the raw norm; a floor only matters for an all-zero key (NaN otherwise).
     unit_keys = F.normalize(rest_keys.float(), dim=-1, eps=1e-12)
     similarity = unit_keys[:, ~target_mask] @ unit_keys[:, target_mask].transpose(1, 2)  # [B, S, C]

@@ -283,3 +283,11 @@ def test_published_budgets_on_576_patches_have_the_documented_stride(dominant, c
         members = [i for i in range(rest_count) if owner[i] == t and i != targets[t]]
         expected = targets[t] + sum(members) / len(members)
         assert merged[0, t, 0].item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("remaining, contextual, step, last", [(523, 10, 52, 468), (469, 20, 23, 437), (415, 30, 13, 377)])
+def test_target_positions_match_the_published_budget_table(remaining, contextual, step, last):
+    from llava_token_reduction.modeling.token_reduction import contextual_target_positions
+
+    positions = contextual_target_positions(remaining, contextual).tolist()
+    assert positions == list(range(0, last + 1, step)) and len(positions) == contextual
