@@ -677,8 +677,6 @@ def run_benchmark(workload: Workload, repeats: int = 3, warmup: int = 1, new_tok
             for key, value in result.items():
                 if round_index == 0:
                     peaks[key] = (value.get("peak_memory_bytes"), value["attention_map_bytes"])
-                else:
-                    pass
                 if round_index >= warmup:
                     samples[key].append(value["ms"])
         attention = {
