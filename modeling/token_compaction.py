@@ -5,11 +5,15 @@ reduction image `i` yields `k_i <= N` tokens. *Compaction* keeps the first `k_i`
 image's run, drops the rest, and left-pads the rows back to one length. It is deterministic, so a later
 call with the same history rebuilds exactly the prefix a KV cache already holds.
 
+The bookkeeping runs on the host in numpy: it is a few integer operations on `[B, L]` ids whose cost is
+per-call overhead, numpy's is a fraction of torch's, and on a GPU it costs one small copy each way.
+
 Shapes: `B` rows, `L` full prompt length, `C` compact length.
 """
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -46,12 +50,13 @@ class CompactionPlan:
 
 
 def placeholder_runs(input_ids: torch.Tensor, image_token_id: int) -> list[list[ImageSpan]]:
-    """Per row of `[B, L]` ids, the maximal runs of `image_token_id` (one device sync for the batch)."""
-    is_image = (input_ids == image_token_id).to(torch.int8)
+    """Per row of `[B, L]` ids, the maximal runs of `image_token_id`."""
+    is_image = np.zeros((input_ids.shape[0], input_ids.shape[1] + 2), dtype=np.int8)
+    is_image[:, 1:-1] = _host_array(input_ids) == image_token_id
     # +1 where a run starts, -1 just past where it ends; row-major order pairs each start with its end.
-    edges = torch.diff(torch.nn.functional.pad(is_image, (1, 1)), dim=1).nonzero().tolist()
+    rows, columns = np.nonzero(np.diff(is_image, axis=1))
     runs: list[list[ImageSpan]] = [[] for _ in range(input_ids.shape[0])]
-    for (row, start), (_, end) in zip(edges[0::2], edges[1::2]):
+    for row, start, end in zip(rows[0::2].tolist(), columns[0::2].tolist(), columns[1::2].tolist()):
         runs[row].append(ImageSpan(start, end - start))
     return runs
 
@@ -118,22 +123,26 @@ def compact_rows(
     Returns:
         The `[B, C]` compact tensors and, per row, the left padding added.
     """
-    reference = next(iter(tensors.values()))
-    batch, length = reference.shape
-    keep = torch.ones(batch, length, dtype=torch.bool)
+    batch, length = next(iter(tensors.values())).shape
+    keep = np.ones((batch, length), dtype=bool)
     for row, (row_spans, row_counts) in enumerate(zip(spans, kept_tokens)):
         for span, kept in zip(row_spans, row_counts):
             keep[row, span.start + kept : span.start + span.length] = False
-    keep = keep.to(reference.device)
-    row_lengths = keep.sum(dim=1)
+    row_lengths = keep.sum(axis=1)
     compact_length = int(row_lengths.max()) if batch else 0
     padding = compact_length - row_lengths
     # Each kept token moves to its rank among the row's kept tokens, shifted right by the row's padding.
-    kept_rows, kept_columns = keep.nonzero(as_tuple=True)
-    destination = (keep.cumsum(dim=1) - 1 + padding.unsqueeze(1))[kept_rows, kept_columns]
+    kept_rows, kept_columns = np.nonzero(keep)
+    destination = (keep.cumsum(axis=1) - 1 + padding[:, None])[kept_rows, kept_columns]
     compact = {}
     for name, tensor in tensors.items():
-        out = tensor.new_full((batch, compact_length), fill_values[name])
-        out[kept_rows, destination] = tensor[kept_rows, kept_columns]
-        compact[name] = out
+        source = _host_array(tensor)
+        out = np.full((batch, compact_length), fill_values[name], dtype=source.dtype)
+        out[kept_rows, destination] = source[kept_rows, kept_columns]
+        compact[name] = torch.from_numpy(out).to(tensor.device)
     return compact, padding.tolist()
+
+
+def _host_array(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's values as a host numpy array (no copy for CPU tensors)."""
+    return tensor.detach().cpu().numpy()
