@@ -522,7 +522,7 @@ def measure_attention_acquisition(model, pixel_values, with_memory: bool = False
     """Time (and optionally peak memory) of getting layer ℓ's CLS attention, head-mean keys and output.
 
     `ours`: the sdpa tower with hooks on layer ℓ's `q_proj`/`k_proj` and output, then the CLS row only
-    (`cls_attention_scores`), as `LlavaVisionZipModel` does. `released`: the tower switched to eager attention
+    (`LlavaVisionZipModel.get_visionzip_layer_outputs`, the shipped code path). `released`: the tower switched to eager attention
     with `output_attentions=True` and `output_hidden_states=True` (every layer's `[H, N, N]` map materialised,
     as the released code runs it), the CLS row summed over heads from the maps and the keys from a hook.
     Both on the same tower and pixels.
@@ -530,7 +530,6 @@ def measure_attention_acquisition(model, pixel_values, with_memory: bool = False
     import torch
 
     from .modeling.modeling_reduced_llava import capture_outputs_of
-    from .modeling.token_reduction import cls_attention_scores
 
     config = model.config
     tower = model.model.vision_tower
@@ -540,9 +539,7 @@ def measure_attention_acquisition(model, pixel_values, with_memory: bool = False
     results = {}
 
     def ours():
-        with capture_outputs_of({"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj, "x": layer}) as got:
-            tower(pixel_values, return_dict=True)
-        cls_attention, mean_keys = cls_attention_scores(got["q"], got["k"], heads)
+        model.model.get_visionzip_layer_outputs(pixel_values)
         return {"attention_map_bytes": 0}
 
     def released():

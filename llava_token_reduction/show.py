@@ -56,18 +56,11 @@ def visionzip_selection(model, pixel_values) -> Selection:
     """Run the vision tower of a VisionZip model on one image and return which patch goes where."""
     import torch
 
-    from .modeling.modeling_reduced_llava import capture_outputs_of
-    from .modeling.token_reduction import cls_attention_scores, contextual_target_positions, visionzip_assignment
+    from .modeling.token_reduction import contextual_target_positions, visionzip_assignment
 
     config = model.config
-    inner = model.model
-    layer = inner.vision_tower.encoder.layers[config.visionzip_layer]
-    watched = {"queries": layer.self_attn.q_proj, "keys": layer.self_attn.k_proj}
-    with torch.inference_mode(), capture_outputs_of(watched) as captured:
-        inner.vision_tower(pixel_values[:1], return_dict=True)
-        cls_attention, mean_keys = cls_attention_scores(
-            captured["queries"], captured["keys"], config.vision_config.num_attention_heads
-        )
+    with torch.inference_mode():
+        _, cls_attention, mean_keys = model.model.get_visionzip_layer_outputs(pixel_values[:1])
         kept, rest, group = visionzip_assignment(
             cls_attention, mean_keys, config.dominant_tokens, config.contextual_tokens
         )

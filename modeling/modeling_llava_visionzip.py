@@ -33,6 +33,29 @@ class LlavaVisionZipModel(LlavaModel):
         config.validate_token_reduction()
         super().__init__(config)
 
+    def get_visionzip_layer_outputs(self, pixel_values, **kwargs):
+        """Run the vision tower once and return what VisionZip reads from layer `visionzip_layer`.
+
+        Hooks on the layer's `q_proj`/`k_proj` and output record them while sdpa/flash stays on; only the CLS
+        row of the attention is then computed. The budget and the pixels are checked before the tower runs.
+
+        Returns:
+            `features` `[B, N, D_v]` (the layer's output, CLS included), `cls_attention` `[B, N]` fp32 (CLS row
+            summed over heads) and `mean_keys` `[B, N, d]` fp32 (keys averaged over heads).
+        """
+        config = self.config
+        pixel_values = as_pixel_batch(pixel_values, config.vision_config)
+        config.validate_token_reduction(vision_tokens=vision_tokens_of(pixel_values, config.vision_config))
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("output_hidden_states", "output_attentions", "return_dict")}
+        layer = self.vision_tower.encoder.layers[config.visionzip_layer]
+        watched = {"queries": layer.self_attn.q_proj, "keys": layer.self_attn.k_proj, "features": layer}
+        with capture_outputs_of(watched) as captured:
+            self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        cls_attention, mean_keys = cls_attention_scores(
+            captured["queries"], captured["keys"], config.vision_config.num_attention_heads
+        )
+        return captured["features"], cls_attention, mean_keys
+
     def get_image_features(
         self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
     ) -> BaseModelOutputWithPooling:
@@ -49,19 +72,8 @@ class LlavaVisionZipModel(LlavaModel):
             `last_hidden_state` is the reduced, unprojected `[B, dominant + contextual, D_v]`.
         """
         config = self.config
-        pixel_values = as_pixel_batch(pixel_values, config.vision_config)
-        config.validate_token_reduction(vision_tokens=vision_tokens_of(pixel_values, config.vision_config))
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("output_hidden_states", "output_attentions", "return_dict")}
-        layer = self.vision_tower.encoder.layers[config.visionzip_layer]
-        watched = {"queries": layer.self_attn.q_proj, "keys": layer.self_attn.k_proj, "features": layer}
-        with capture_outputs_of(watched) as captured:
-            self.vision_tower(pixel_values, return_dict=True, **kwargs)
-        cls_attention, mean_keys = cls_attention_scores(
-            captured["queries"], captured["keys"], config.vision_config.num_attention_heads
-        )
-        reduced = visionzip_reduce(
-            captured["features"], cls_attention, mean_keys, config.dominant_tokens, config.contextual_tokens
-        )
+        features, cls_attention, mean_keys = self.get_visionzip_layer_outputs(pixel_values, **kwargs)
+        reduced = visionzip_reduce(features, cls_attention, mean_keys, config.dominant_tokens, config.contextual_tokens)
         projected = self.multi_modal_projector(reduced)
         return BaseModelOutputWithPooling(last_hidden_state=reduced, pooler_output=list(projected))
 
