@@ -193,23 +193,12 @@ def _configs(shape: BenchShape, image_token_id: int, pad_id: int, bos_id: int, e
     return common, clip_text
 
 
-def _attach(meta_model, source):
-    """Give `meta_model` (built on the meta device) the real modules of `source`, shared, not copied."""
-    for name in ("vision_tower", "multi_modal_projector", "language_model"):
-        setattr(meta_model.model, name, getattr(source.model, name))
-    meta_model.lm_head = source.lm_head
-    leftovers = [name for name, p in meta_model.named_parameters() if p.device.type == "meta"]
-    if leftovers:
-        raise RuntimeError(f"modules left on the meta device: {leftovers[:3]}")
-    return meta_model.eval()
-
-
-def build_models(base, common: dict, methods, trim_overrides: dict | None = None) -> dict:
+def build_models(base, methods, trim_overrides: dict | None = None) -> dict:
     """One model per method, all on the weights of `base` (a TRIM model or a stock LLaVA)."""
-    import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    from . import LlavaTrimConfig, LlavaTrimForConditionalGeneration, LlavaVisionZipConfig, LlavaVisionZipForConditionalGeneration
+    from . import LlavaTrimForConditionalGeneration, LlavaVisionZipForConditionalGeneration
+    from .shared_weights import twin
 
     models = {}
     for method in methods:
@@ -219,16 +208,12 @@ def build_models(base, common: dict, methods, trim_overrides: dict | None = None
             model = base
             for key, value in (trim_overrides or {}).items():
                 setattr(model.config, key, value)
+        elif method.kind == "stock":
+            model = twin(base, LlavaForConditionalGeneration)
         else:
-            with torch.device("meta"):
-                if method.kind == "stock":
-                    model = LlavaForConditionalGeneration(LlavaConfig(**common))
-                else:
-                    model = LlavaVisionZipForConditionalGeneration(LlavaVisionZipConfig(
-                        **common, dominant_tokens=method.dominant_tokens, contextual_tokens=method.contextual_tokens,
-                    ))
-            model = _attach(model, base)
-        model.generation_config.pad_token_id = common["pad_token_id"]
+            model = twin(base, LlavaVisionZipForConditionalGeneration, dominant_tokens=method.dominant_tokens,
+                         contextual_tokens=method.contextual_tokens)
+        model.generation_config.pad_token_id = getattr(base.config, "pad_token_id", None)
         models[method.name] = model.eval()
     return models
 
@@ -284,7 +269,7 @@ def build_preset_workload(shape: BenchShape, image, question: str, methods, seed
     base = LlavaTrimForConditionalGeneration(
         LlavaTrimConfig(**common, clip_text_config=clip_text, projection_dim=shape.projection_dim)
     ).eval()
-    models = build_models(base, common, methods)
+    models = build_models(base, methods)
     stock_inputs = dict(processor(images=image, text=_prompt(question), return_tensors="pt"))
     clip = _clip_rows(clip_tokenizer, question)
     inputs = {m.name: {**stock_inputs, **(clip if m.kind == "trim" else {})} for m in methods}
@@ -326,11 +311,7 @@ def build_checkpoint_workload(path: str, image, question: str, methods, dtype: s
             clip_text_intermediate=clip_text.intermediate_size, clip_text_layers=clip_text.num_hidden_layers,
             clip_text_heads=clip_text.num_attention_heads, clip_text_vocab=clip_text.vocab_size,
         )
-    common = dict(
-        vision_config=vision, text_config=text, image_token_index=base.config.image_token_id,
-        image_seq_length=base.config.image_seq_length, pad_token_id=getattr(base.config, "pad_token_id", None),
-    )
-    models = build_models(base, common, methods)
+    models = build_models(base, methods)
     # A TRIM processor also returns the CLIP rows: keep them for the TRIM row only.
     stock_inputs = dict(processor(images=image, text=_prompt(question), return_tensors="pt"))
     for key in ("clip_input_ids", "clip_attention_mask"):
@@ -552,7 +533,6 @@ def measure_attention_acquisition(model, pixel_values, with_memory: bool = False
             cls_attention = attention[:, :, 0].sum(dim=1)
             batch, tokens, _ = got["k"].shape
             mean_keys = got["k"].view(batch, tokens, heads, -1).mean(dim=2)
-            features = out.hidden_states[layer_index]
             return {"attention_map_bytes": sum(a.nbytes for a in out.attentions)}
         finally:
             tower.set_attn_implementation(previous)
@@ -605,8 +585,6 @@ def machine_info() -> dict:
 def run_benchmark(workload: Workload, repeats: int = 3, warmup: int = 1, new_tokens: int = 8,
                   attention_comparison: bool = True, log=print) -> dict:
     """Run every method `warmup + repeats` times (interleaved) and summarise. Returns the JSON-able report."""
-    import torch
-
     shape = workload.shape
     load_at_start = os.getloadavg()
     names = list(workload.models)
