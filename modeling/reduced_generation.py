@@ -60,6 +60,11 @@ class ReducedGenerationMixin:
             sizes.append(fixed)
         return sizes
 
+    def _pop_side_inputs(self, kwargs: dict) -> dict:
+        """Take the reduction's per-image inputs out of `kwargs` (stock code must never see them); drop Nones."""
+        popped = {name: kwargs.pop(name, None) for name in self.image_side_input_names}
+        return {name: value for name, value in popped.items() if value is not None}
+
     def _pad_token_id(self) -> int:
         for candidate in (self.generation_config.pad_token_id, getattr(self.config, "pad_token_id", None),
                           getattr(self.config.text_config, "pad_token_id", None)):
@@ -186,8 +191,7 @@ class ReducedGenerationMixin:
         """
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         pixel_values = kwargs.pop("pixel_values", None)
-        side_inputs = {name: kwargs.pop(name, None) for name in self.image_side_input_names}
-        side_inputs = {name: value for name, value in side_inputs.items() if value is not None}
+        side_inputs = self._pop_side_inputs(kwargs)
         cache = kwargs.get("past_key_values")
         cached_plan = getattr(cache, PLAN_ATTRIBUTE, None)
         if input_ids is None or kwargs.get("inputs_embeds") is not None:
@@ -284,8 +288,7 @@ class ReducedGenerationMixin:
         images are reduced and `input_ids`, `attention_mask` and `labels` are compacted alike (labels
         padded with -100), with positions contiguous over the attended tokens. Logits, loss and hidden
         states then refer to the compact sequence (`[B, C, vocab]`)."""
-        side_inputs = {name: kwargs.pop(name, None) for name in self.image_side_input_names}
-        side_inputs = {name: value for name, value in side_inputs.items() if value is not None}
+        side_inputs = self._pop_side_inputs(kwargs)
         cache_is_empty = past_key_values is None or past_key_values.get_seq_length() == 0
         if pixel_values is not None and mm_encoder_outputs is None:
             if input_ids is None:
