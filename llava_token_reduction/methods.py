@@ -1,0 +1,208 @@
+"""The registry of reduction methods: what the tools (demo, bench, show, convert, tune, model cards, the Auto
+registrations) ask about a method instead of branching on `"visionzip"` / `"trim"` / `model_type`.
+
+A method is one `ReductionMethod` entry in `METHODS`. It names its classes (imported only when asked for, so
+reading the registry costs nothing), the per-image inputs its model takes besides the pixels, whether it needs
+CLIP's text tower, the config fields a user may override at load time or on a command line, the fields its
+model-card template fills, what `show` draws, which converter builds its checkpoints and the rows `bench`
+times. `docs/adding_a_method.md` is the checklist for adding one, and lists the tool branches still to be
+converted to this registry.
+
+Methods know nothing about model families (LLaVA-1.5 today): the class names here are those of the LLaVA-1.5
+family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+def _resolve(reference: str):
+    """`"module:name"` -> the object; a bare name is looked up in `llava_token_reduction`."""
+    module, _, name = reference.rpartition(":")
+    return getattr(importlib.import_module(module or "llava_token_reduction"), name)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A config field of a method that can be overridden at load time (`from_pretrained(path, field=value)`)
+    and, when `cli` is true, is offered as `--field-name` by the tools that take the method's settings."""
+
+    field: str
+    type: type  # int, float or bool (None is allowed too when `optional`)
+    default: Any  # the config class's default, for help texts
+    help: str
+    optional: bool = False
+    cli: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    def add_to(self, parser: argparse.ArgumentParser, help: str | None = None) -> None:
+        """Add this option to `parser`. Its argparse default is None, meaning "the checkpoint's value"; a bool
+        option becomes `--flag` / `--no-flag`."""
+        text = help or f"{self.help} (default: the checkpoint's, else {self.default})"
+        if self.type is bool:
+            parser.add_argument(self.flag, dest=self.field, action=argparse.BooleanOptionalAction, default=None,
+                                help=text)
+        else:
+            parser.add_argument(self.flag, dest=self.field, type=self.type, default=None, metavar="N", help=text)
+
+
+@dataclass(frozen=True)
+class BenchVariant:
+    """One row `bench` times by default: a name and the config overrides that make it."""
+
+    name: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class ReductionMethod:
+    """Everything the tools need to know about one reduction method (see the module docstring)."""
+
+    name: str  # the command-line spelling: `convert NAME`, `show --method NAME`
+    label: str  # how people write it: "VisionZip"
+    model_type: str
+    config_class_name: str  # resolved by `_resolve`: a name in llava_token_reduction, or "module:name"
+    model_class_name: str  # the inner model (`AutoModel`)
+    generation_class_name: str  # the outer model (`AutoModelForImageTextToText`)
+    processor_class_name: str  # what `AutoProcessor` resolves to for this config
+    summary: str  # one line: what a result of the method is
+    side_inputs: tuple[str, ...]  # per-image inputs besides the pixels (the model's `image_side_input_names`)
+    needs_clip_text_tower: bool  # the checkpoint carries CLIP's text tower (`convert` adds it from `--clip`)
+    options: tuple[Option, ...]
+    describe: Callable  # config -> the label with the config's settings ("VisionZip 54+10")
+    describe_result: Callable  # (config, get_image_features output) -> what the first image's tokens are made of
+    card_template: str  # file name in model_cards/
+    card_fields: tuple[str, ...]  # the template's own placeholders (besides COMMON_CARD_FIELDS)
+    show_picture: str  # what `show` draws over the image
+    show_selection: str  # the `show` function that computes one image's selection
+    convert_function: str  # the converter entry that builds this method's checkpoints
+    captures_vision_attention: bool  # reads a vision layer's attention (bench compares the released eager way)
+    bench_variants: tuple[BenchVariant, ...]
+
+    @property
+    def config_class(self):
+        return _resolve(self.config_class_name)
+
+    @property
+    def model_class(self):
+        return _resolve(self.model_class_name)
+
+    @property
+    def generation_class(self):
+        return _resolve(self.generation_class_name)
+
+    @property
+    def processor_class(self):
+        return _resolve(self.processor_class_name)
+
+    def cli_options(self) -> tuple[Option, ...]:
+        return tuple(option for option in self.options if option.cli)
+
+    def overrides_from(self, args: argparse.Namespace) -> dict:
+        """The load-time overrides the user gave on the command line (options left at None are not set)."""
+        values = {option.field: getattr(args, option.field, None) for option in self.cli_options()}
+        return {field: value for field, value in values.items() if value is not None}
+
+
+# Placeholders every card template has; `conversion/model_card.py` fills them for every method.
+COMMON_CARD_FIELDS = ("license", "base_model_yaml", "repo_id", "image_url", "image_seq_length", "conversion_notes",
+                      "title", "intro")
+
+
+def _visionzip_result(config, output) -> str:
+    return f"{config.dominant_tokens} dominant + {config.contextual_tokens} merged"
+
+
+def _trim_result(config, output) -> str:
+    kept = len(output.kept_indices[0])
+    extra = len(output.pooler_output[0]) - kept
+    return f"{kept} kept" + (f" + {extra} mean" if extra else "")
+
+
+VISIONZIP = ReductionMethod(
+    name="visionzip",
+    label="VisionZip",
+    model_type="llava_visionzip",
+    config_class_name="LlavaVisionZipConfig",
+    model_class_name="LlavaVisionZipModel",
+    generation_class_name="LlavaVisionZipForConditionalGeneration",
+    processor_class_name="transformers:LlavaProcessor",
+    summary="a fixed budget per image: the patches CLS attends to most (CLS included) plus merged summaries of the rest",
+    side_inputs=(),
+    needs_clip_text_tower=False,
+    options=(
+        Option("dominant_tokens", int, 54, "VisionZip dominant tokens, CLS included", cli=True),
+        Option("contextual_tokens", int, 10, "VisionZip merged tokens", cli=True),
+        Option("visionzip_layer", int, -2, "the vision layer whose attention, keys and output are used"),
+    ),
+    describe=lambda config: f"VisionZip {config.dominant_tokens}+{config.contextual_tokens}",
+    describe_result=_visionzip_result,
+    card_template="visionzip.md",
+    card_fields=("weights_note", "visionzip_layer", "dominant_tokens", "contextual_tokens", "tokens_per_image",
+                 "budget_note"),
+    show_picture="dominant patches outlined, each merged group tinted, a dot on each group's target",
+    show_selection="llava_token_reduction.show:visionzip_selection",
+    convert_function="llava_token_reduction.conversion:convert_visionzip",
+    captures_vision_attention=True,
+    bench_variants=(
+        BenchVariant("visionzip-192", (("dominant_tokens", 162), ("contextual_tokens", 30))),
+        BenchVariant("visionzip-128", (("dominant_tokens", 108), ("contextual_tokens", 20))),
+        BenchVariant("visionzip-64", (("dominant_tokens", 54), ("contextual_tokens", 10))),
+    ),
+)
+
+TRIM = ReductionMethod(
+    name="trim",
+    label="TRIM",
+    model_type="llava_trim",
+    config_class_name="LlavaTrimConfig",
+    model_class_name="LlavaTrimModel",
+    generation_class_name="LlavaTrimForConditionalGeneration",
+    processor_class_name="LlavaTrimProcessor",
+    summary="a count that varies per image: the patches CLIP scores as outliers against the question, plus their mean",
+    side_inputs=("clip_input_ids", "clip_attention_mask"),
+    needs_clip_text_tower=True,
+    options=(
+        Option("trim_negate_similarity", bool, True, "score by the softmax of the negated similarity (released code)"),
+        Option("trim_iqr_multiplier", float, 1.5, "keep patches scoring above Q3 + m·IQR"),
+        Option("trim_batch_coupled", bool, False, "pool the quartiles over the batch (released code)"),
+        Option("trim_min_tokens", int, None, "at least this many kept patches", optional=True),
+        Option("trim_max_tokens", int, None, "at most this many kept patches", optional=True),
+        Option("trim_append_mean_token", bool, True, "append the mean of the unselected patches"),
+    ),
+    describe=lambda config: "TRIM",
+    describe_result=_trim_result,
+    card_template="trim.md",
+    card_fields=("training_warning", "iqr_multiplier", "mean_token", "score_sign", "coupling", "budget_description"),
+    show_picture="heat map of the log scores, kept outliers outlined",
+    show_selection="llava_token_reduction.show:trim_selection",
+    convert_function="llava_token_reduction.conversion:convert_trim",
+    captures_vision_attention=False,
+    bench_variants=(BenchVariant("trim"),),
+)
+
+# In the order the tools list them.
+METHODS: dict[str, ReductionMethod] = {method.name: method for method in (VISIONZIP, TRIM)}
+
+
+def get(name: str) -> ReductionMethod:
+    """The method called `name`; `ValueError` naming the choices otherwise."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown reduction method {name!r}; choose from {', '.join(METHODS)}") from None
+
+
+def for_model_type(model_type: str) -> ReductionMethod | None:
+    """The method whose config has `model_type`, or None (a stock LLaVA, or not ours)."""
+    return next((method for method in METHODS.values() if method.model_type == model_type), None)
+
+
+__all__ = ["BenchVariant", "COMMON_CARD_FIELDS", "METHODS", "Option", "ReductionMethod", "for_model_type", "get"]
