@@ -1,0 +1,62 @@
+"""The `bench` command: stock LLaVA and every registered reduction method (VisionZip 192/128/64 and TRIM
+today, `llava_token_reduction.methods`) side by side, in one process.
+
+All rows share one set of weights (the modules are the same objects) and see the same image and prompt.
+Each timed run is one `generate` call with a few new tokens; forward hooks on the model's own modules
+time the pieces of that call (nothing on the model is replaced), so the numbers are those of the shipped
+code path:
+
+    generate ─┬─ image features ─┬─ vision tower                 -> vision_ms
+              │                  ├─ (TRIM) CLIP text tower       -> text_tower_ms (part of reduction_ms)
+              │                  ├─ selection / merge / scoring  -> reduction_ms = features - tower - projector
+              │                  └─ projector                    -> projector_ms
+              ├─ language model, first call                      -> prefill_ms, KV-cache bytes
+              ├─ LM head, first call                             -> ttft_ms (from the start of generate)
+              └─ later steps                                     -> decode_ms_per_token (wall time per step)
+
+"Image features" runs from the first tower starting to the projector finishing.
+
+Runs are interleaved (repeat 1 of every row, then repeat 2, ...) after one warm-up run per row; the
+report gives the median and the spread (min, max) over the repeats. Peak memory is the process RSS above its
+level before the call, sampled every millisecond during the warm-up run (freed heap returned to the OS
+first), so it counts activations, KV cache and allocator slack, not the weights.
+
+Next to the times: the analytic LM prefill FLOPs of each run (`prefill_flops`), the FLOP-predicted prefill
+speed-up over stock LLaVA and the measured speed-up as a fraction of it. And, for a method that reads a vision
+layer's attention (VisionZip), the cost of obtaining it as the released code does (eager vision tower,
+`output_attentions=True`, every map materialised) next to ours (sdpa tower + hooks on layer ℓ's q/k
+projections + the CLS row only).
+
+The preset models have random weights: right shapes, meaningless outputs. Timing does not depend on the
+weights, except TRIM's kept-token count, which is adaptive and therefore arbitrary with random weights.
+
+The modules follow the seams: `shapes` (model widths, presets), `flops` (analytic FLOPs), `workloads` (rows,
+models on shared weights, inputs), `measure` (hooks, memory), `runner` (the interleaved runs and the derived
+figures), `report` (markdown, plot, JSON) and `command` (the command line).
+"""
+
+from .command import register, run
+from .flops import lm_prefill_flops, shape_flops, shape_prefill_flops, vision_tower_flops
+from .measure import PeakRSS, image_tokens_kept, kv_cache_bytes, measure_attention_acquisition, measure_generate
+from .report import render_markdown, render_plot, write_outputs
+from .runner import RANDOM_WEIGHTS_NOTICE, figures, machine_info, run_benchmark
+from .shapes import PRESETS, BenchShape
+from .workloads import (
+    DEFAULT_METHODS,
+    DEFAULT_QUESTION,
+    SAMPLE_IMAGE,
+    Method,
+    Workload,
+    build_checkpoint_workload,
+    build_models,
+    build_preset_workload,
+)
+
+
+__all__ = [
+    "BenchShape", "DEFAULT_METHODS", "DEFAULT_QUESTION", "Method", "PRESETS", "PeakRSS", "RANDOM_WEIGHTS_NOTICE",
+    "SAMPLE_IMAGE", "Workload", "build_checkpoint_workload", "build_models", "build_preset_workload", "figures",
+    "image_tokens_kept", "kv_cache_bytes", "lm_prefill_flops", "machine_info", "measure_attention_acquisition",
+    "measure_generate", "register", "render_markdown", "render_plot", "run", "run_benchmark", "shape_flops",
+    "shape_prefill_flops", "vision_tower_flops", "write_outputs",
+]

@@ -1,0 +1,219 @@
+"""Measuring one `generate` call piece by piece with forward hooks on the model's own modules, and the cost
+of obtaining VisionZip's attention the released way (eager, every map) next to ours (sdpa + hooks)."""
+
+import contextlib
+import ctypes
+import os
+import statistics
+import threading
+import time
+
+
+class PeakRSS:
+    """Peak resident memory of this process above its level at entry, sampled every `interval` seconds in a
+    thread. Freed heap memory is returned to the OS first (glibc `malloc_trim`), so the baseline is honest."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss_bytes() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    @staticmethod
+    def trim_heap():
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self.rss_bytes() - self.baseline)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.trim_heap()
+        self.baseline = self.rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self.rss_bytes() - self.baseline)
+        return False
+
+
+class _Stopwatch:
+    """Forward pre/post hooks that record `perf_counter` spans of named modules, removed on exit."""
+
+    def __init__(self, modules: dict):
+        self.modules = {name: module for name, module in modules.items() if module is not None}
+        self.spans = {name: [] for name in self.modules}
+        self._handles = []
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(module.register_forward_hook(self._post(name)))
+        return self
+
+    def _pre(self, name):
+        def hook(module, args):
+            self.spans[name].append([time.perf_counter(), None])
+
+        return hook
+
+    def _post(self, name):
+        def hook(module, args, output):
+            self.spans[name][-1][1] = time.perf_counter()
+
+        return hook
+
+    def total(self, name) -> float:
+        return sum(end - start for start, end in self.spans.get(name, []))
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        return False
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by the keys and values of a transformers cache (any layer layout)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None and hasattr(tensor, "nbytes"):
+                total += tensor.nbytes
+    return total
+
+
+# Modules that `get_image_features` runs first: the vision tower, and a question tower where the method has one.
+_FEATURE_ENTRY_MODULES = ("text_tower", "vision")
+
+
+def measure_generate(model, inputs: dict, new_tokens: int, with_memory: bool = False) -> dict:
+    """One `generate` call with `new_tokens` new tokens, timed piece by piece (see the package docstring).
+
+    Only forward hooks are added (and removed on exit); the model's methods are left alone. The image-feature
+    span runs from the first of the towers starting to the projector finishing, so `reduction_ms` (that span
+    minus the vision tower and the projector) is everything the method adds between them."""
+    import torch
+
+    inner = model.model
+    watched = {
+        "vision": inner.vision_tower,
+        "projector": inner.multi_modal_projector,
+        "text_tower": getattr(inner, "clip_text_model", None),
+        "lm": inner.language_model,
+        "head": model.lm_head,
+    }
+    kv_bytes = {}
+
+    def remember_cache(module, args, kwargs, output):
+        if "bytes" not in kv_bytes:
+            kv_bytes["bytes"] = kv_cache_bytes(getattr(output, "past_key_values", None))
+            embeds = kwargs.get("inputs_embeds")
+            kv_bytes["tokens"] = int(embeds.shape[1]) if embeds is not None else int(kwargs["input_ids"].shape[1])
+
+    cache_hook = inner.language_model.register_forward_hook(remember_cache, with_kwargs=True)
+    memory = PeakRSS() if with_memory else contextlib.nullcontext()
+    try:
+        with _Stopwatch(watched) as watch, memory, torch.inference_mode():
+            start = time.perf_counter()
+            output = model.generate(
+                **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            )
+            end = time.perf_counter()
+    finally:
+        cache_hook.remove()
+    head_ends = [span[1] for span in watch.spans["head"]]
+    lm_spans = watch.spans["lm"]
+    vision_ms = 1000 * watch.total("vision")
+    projector_ms = 1000 * watch.total("projector")
+    text_tower_ms = 1000 * watch.total("text_tower")
+    feature_start = min(watch.spans[name][0][0] for name in _FEATURE_ENTRY_MODULES if watch.spans.get(name))
+    features_ms = 1000 * (watch.spans["projector"][-1][1] - feature_start)
+    steps = [b - a for a, b in zip(head_ends, head_ends[1:])]
+    result = {
+        "vision_ms": vision_ms,
+        "reduction_ms": features_ms - vision_ms - projector_ms,
+        "text_tower_ms": text_tower_ms,
+        "projector_ms": projector_ms,
+        "prefill_ms": 1000 * (lm_spans[0][1] - lm_spans[0][0]),
+        "ttft_ms": 1000 * (head_ends[0] - start),
+        "decode_ms_per_token": 1000 * statistics.median(steps) if steps else float("nan"),
+        "total_ms": 1000 * (end - start),
+        "prefill_tokens": kv_bytes.get("tokens"),
+        "kv_cache_bytes": kv_bytes.get("bytes"),
+        "new_tokens": int(output.shape[1] - inputs["input_ids"].shape[1]),
+    }
+    if with_memory:
+        result["peak_memory_bytes"] = memory.peak_bytes
+    return result
+
+
+def image_tokens_kept(model, inputs: dict) -> int:
+    """Image tokens the language model sees (one image)."""
+    import torch
+
+    image_inputs = ("pixel_values", *getattr(model, "image_side_input_names", ()))
+    with torch.inference_mode():
+        features = model.model.get_image_features(**{k: inputs[k] for k in image_inputs if k in inputs})
+    pooled = features.pooler_output
+    return int(pooled[0].shape[0]) if isinstance(pooled, (list, tuple)) else int(pooled.shape[-2])
+
+
+def measure_attention_acquisition(model, pixel_values, with_memory: bool = False) -> dict:
+    """Time (and optionally peak memory) of getting layer ℓ's CLS attention, head-mean keys and output.
+
+    `ours`: the sdpa tower with hooks on layer ℓ's `q_proj`/`k_proj` and output, then the CLS row only
+    (`LlavaVisionZipModel.get_visionzip_layer_outputs`, the shipped code path). `released`: the tower switched
+    to eager attention with `output_attentions=True` and `output_hidden_states=True` (every layer's `[H, N, N]`
+    map materialised, as the released code runs it), the CLS row summed over heads from the maps and the keys
+    from a hook. Both on the same tower and pixels.
+    """
+    import torch
+
+    from ..modeling.modeling_reduced_llava import capture_outputs_of
+
+    config = model.config
+    tower = model.model.vision_tower
+    layer_index = config.visionzip_layer
+    layer = tower.encoder.layers[layer_index]
+    heads = config.vision_config.num_attention_heads
+    results = {}
+
+    def ours():
+        model.model.get_visionzip_layer_outputs(pixel_values)
+        return {"attention_map_bytes": 0}
+
+    def released():
+        previous = tower.config._attn_implementation
+        tower.set_attn_implementation("eager")
+        try:
+            with capture_outputs_of({"k": layer.self_attn.k_proj}) as got:
+                out = tower(pixel_values, output_attentions=True, output_hidden_states=True, return_dict=True)
+            attention = out.attentions[layer_index]
+            attention[:, :, 0].sum(dim=1)  # the CLS row, summed over heads
+            batch, tokens, _ = got["k"].shape
+            got["k"].view(batch, tokens, heads, -1).mean(dim=2)  # the head-mean keys
+            return {"attention_map_bytes": sum(a.nbytes for a in out.attentions)}
+        finally:
+            tower.set_attn_implementation(previous)
+
+    for name, run in (("ours_sdpa_hooks", ours), ("released_eager_all_maps", released)):
+        memory = PeakRSS() if with_memory else contextlib.nullcontext()
+        with memory, torch.inference_mode():
+            start = time.perf_counter()
+            info = run()
+            elapsed = time.perf_counter() - start
+        results[name] = {"ms": 1000 * elapsed, **info}
+        if with_memory:
+            results[name]["peak_memory_bytes"] = memory.peak_bytes
+    return results

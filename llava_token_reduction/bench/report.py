@@ -1,0 +1,134 @@
+"""The report of a benchmark run: a markdown table, a PNG plot and the JSON, written side by side."""
+
+import json
+from pathlib import Path
+
+
+def _mib(value) -> str:
+    return "–" if value is None else f"{value / 2**20:.1f}"
+
+
+def _ms(summary: dict, digits: int = 0) -> str:
+    if summary["median"] is None:
+        return "–"
+    if len(summary["values"]) > 1:
+        return f"{summary['median']:.{digits}f} ({summary['min']:.{digits}f}–{summary['max']:.{digits}f})"
+    return f"{summary['median']:.{digits}f}"
+
+
+def render_markdown(report: dict) -> str:
+    shape = report["shape"]
+    machine = report["machine"]
+    lines = [
+        f"**{report['notice']}**",
+        "",
+        f"Model: {report['source']} — vision {shape['vision_layers']}×{shape['vision_hidden']} "
+        f"({shape['image_size']}px/{shape['patch_size']}, {shape['vision_heads']} heads), LM {shape['lm_layers']} layers "
+        f"d={shape['lm_hidden']} m={shape['lm_intermediate']} {shape['lm_heads']} heads, vocab {shape['lm_vocab']}; "
+        f"CLIP text {shape['clip_text_layers']}×{shape['clip_text_hidden']}. {report['dtype']}, batch {report['batch']}, "
+        f"{report['new_tokens']} new tokens.",
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, torch threads {machine['torch_threads']}, "
+        f"{machine['memory_gib']} GiB; torch {machine['torch']}, transformers {machine['transformers']}; "
+        f"load average {machine['load_average_at_start'][0]:.1f} at start, {machine['load_average_at_end'][0]:.1f} at end.",
+        f"Median (min–max) of {report['repeats']} interleaved runs after {report['warmup']} warm-up; times in ms.",
+        "",
+        "| method | image tokens | LM tokens | vision | reduction | (TRIM text tower) | LM prefill | TTFT | decode ms/token "
+        "| KV cache MiB | peak mem MiB | prefill GFLOPs | speed-up predicted | measured | fraction |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["methods"]:
+        text_tower = _ms(row["text_tower_ms"], 1) if row["text_tower_ms"]["median"] else "–"
+        lines.append(
+            f"| {row['method']} | {row['image_tokens']} | {row['prefill_tokens']} | {_ms(row['vision_ms'])} "
+            f"| {_ms(row['reduction_ms'], 1)} ({100 * row['reduction_over_vision']:.1f}%) | {text_tower} "
+            f"| {_ms(row['prefill_ms'])} | {_ms(row['ttft_ms'])} | {_ms(row['decode_ms_per_token'], 1)} "
+            f"| {_mib(row['kv_cache_bytes'])} | {_mib(row['peak_memory_bytes'])} "
+            f"| {row['prefill_flops']['total'] / 1e9:.1f} | {row.get('prefill_speedup_predicted', 1):.2f}× "
+            f"| {row.get('prefill_speedup_measured', 1):.2f}× | {100 * row.get('prefill_speedup_fraction', 1):.0f}% |"
+        )
+    attention = report.get("attention_acquisition")
+    if attention:
+        ours, theirs = attention["ours_sdpa_hooks"], attention["released_eager_all_maps"]
+        lines += [
+            "",
+            "VisionZip's attention from the same vision tower (CLS row, head-mean keys and layer output of layer ℓ):",
+            "",
+            "| way | ms | attention maps materialised MiB | peak mem MiB |",
+            "|---|---|---|---|",
+            f"| ours: sdpa tower + hooks, CLS row only | {_ms(ours['ms'])} | {_mib(ours['attention_map_bytes'])} | {_mib(ours['peak_memory_bytes'])} |",
+            f"| released: eager tower, output_attentions=True | {_ms(theirs['ms'])} | {_mib(theirs['attention_map_bytes'])} | {_mib(theirs['peak_memory_bytes'])} |",
+            "",
+            f"The released way takes {attention['released_over_ours']:.2f}× our time.",
+        ]
+    lines += ["", "Overheads and speed-up vs the FLOP bound:", ""]
+    for figure in report["figures"]:
+        lines.append(f"- {figure['figure']}: {100 * figure['value']:.1f}% by medians "
+                     f"({100 * figure['value_by_minima']:.1f}% by minima)")
+    lines += [
+        "",
+        "Reduction = `get_image_features` minus the vision tower and the projector (VisionZip: CLS row, selection, "
+        "merge; TRIM: CLIP text tower, patch embeddings, scoring, IQR count, selection). Prefill = the first language-"
+        "model call; TTFT = start of `generate` to the first LM-head output; decode = wall time per later step. "
+        "Prefill FLOPs: q/k/v/o projections, three-matrix MLP, causal score/value products, LM head on one position; "
+        "fraction = measured speed-up / FLOP-predicted speed-up over stock. Peak memory: RSS above the level before the "
+        "call (warm-up run), weights excluded.",
+    ]
+    for note in report["notes"]:
+        lines += ["", f"Note: {note}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(report: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["methods"]
+    labels = [f"{row['method']}\n{row['image_tokens']} tok" for row in rows]
+    parts = [("vision_ms", "vision tower", "#4c72b0"), ("reduction_ms", "reduction", "#dd8452"),
+             ("projector_ms", "projector", "#937860"), ("prefill_ms", "LM prefill", "#55a868")]
+    fig, (ax_time, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    bottoms = [0.0] * len(rows)
+    positions = range(len(rows))
+    for key, label, colour in parts:
+        values = [max(row[key]["median"] or 0.0, 0.0) for row in rows]
+        ax_time.bar(positions, values, bottom=bottoms, label=label, color=colour)
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    ttft = [row["ttft_ms"]["median"] for row in rows]
+    ax_time.scatter(positions, ttft, color="black", marker="_", s=400, zorder=3, label="time to first token")
+    ax_time.set_xticks(list(positions), labels, fontsize=8)
+    ax_time.set_ylabel("ms (median)")
+    ax_time.set_title("Where the time to first token goes")
+    ax_time.legend(fontsize=8)
+    if all("prefill_speedup_predicted" in row for row in rows):
+        width = 0.38
+        predicted = [row["prefill_speedup_predicted"] for row in rows]
+        measured = [row["prefill_speedup_measured"] for row in rows]
+        ax_speed.bar([p - width / 2 for p in positions], predicted, width, label="FLOP-predicted", color="#bbbbbb")
+        ax_speed.bar([p + width / 2 for p in positions], measured, width, label="measured", color="#55a868")
+        ax_speed.set_xticks(list(positions), labels, fontsize=8)
+        ax_speed.set_ylabel("LM prefill speed-up over stock (×)")
+        ax_speed.set_title("Prefill speed-up")
+        ax_speed.legend(fontsize=8)
+    shape = report["shape"]
+    note = "RANDOM WEIGHTS — " if report["random_weights"] else ""
+    fig.suptitle(
+        f"{note}{report['source']}: vision {shape['vision_layers']} layers, LM {shape['lm_layers']} layers "
+        f"(d={shape['lm_hidden']}), {report['dtype']}, {report['machine']['torch_threads']} threads",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report: dict, out_dir, stem: str = "bench") -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["markdown"].write_text(render_markdown(report))
+    render_plot(report, paths["png"])
+    return paths
+

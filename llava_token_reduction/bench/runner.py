@@ -1,0 +1,189 @@
+"""The whole benchmark: interleaved runs of every row, their summaries, and the figures derived from them."""
+
+import contextlib
+import os
+import platform
+import statistics
+from dataclasses import asdict
+
+from .. import methods as registry
+from .flops import shape_prefill_flops, vision_tower_flops
+from .measure import image_tokens_kept, measure_attention_acquisition, measure_generate
+from .workloads import STOCK, Workload
+
+
+RANDOM_WEIGHTS_NOTICE = (
+    "Weights are RANDOM (models built from configs, never trained): timings, token counts, FLOPs and memory are "
+    "real for these shapes; TRIM's kept-token count is adaptive and arbitrary with random weights; outputs are gibberish."
+)
+
+METRICS = ("vision_ms", "reduction_ms", "text_tower_ms", "projector_ms", "prefill_ms", "ttft_ms",
+           "decode_ms_per_token", "total_ms")
+
+
+def _summary(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "min": None, "max": None, "values": []}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory_gib = None
+    with contextlib.suppress(OSError):
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                memory_gib = round(int(line.split()[1]) / 2**20, 1)
+    return {
+        "cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "memory_gib": memory_gib, "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+    }
+
+
+def _method_of(model):
+    """The registry entry of `model`'s method; None for stock LLaVA."""
+    return registry.for_model_type(model.config.model_type)
+
+
+def _rows(workload: Workload, runs: dict, kept: dict, memory: dict) -> list[dict]:
+    rows = []
+    for name, model_runs in runs.items():
+        first = model_runs[0]
+        row = {
+            "method": name,
+            "image_tokens": kept[name],
+            "prefill_tokens": first["prefill_tokens"],
+            "kv_cache_bytes": first["kv_cache_bytes"],
+            "peak_memory_bytes": memory.get(name),
+            "prefill_flops": shape_prefill_flops(workload.shape, first["prefill_tokens"]),
+            **{metric: _summary([r[metric] for r in model_runs]) for metric in METRICS},
+        }
+        vision = row["vision_ms"]["median"]
+        row["reduction_over_vision"] = row["reduction_ms"]["median"] / vision if vision else None
+        # Minima are the least disturbed estimates on a shared machine; reported next to the medians.
+        row["reduction_over_vision_by_minima"] = row["reduction_ms"]["min"] / row["vision_ms"]["min"]
+        rows.append(row)
+    stock = next((row for row in rows if row["method"] == STOCK), None)
+    if stock is not None:
+        for row in rows:
+            predicted = stock["prefill_flops"]["total"] / row["prefill_flops"]["total"]
+            measured = stock["prefill_ms"]["median"] / row["prefill_ms"]["median"]
+            row["prefill_speedup_predicted"] = predicted
+            row["prefill_speedup_measured"] = measured
+            row["prefill_speedup_fraction"] = measured / predicted
+            row["prefill_speedup_fraction_by_minima"] = stock["prefill_ms"]["min"] / row["prefill_ms"]["min"] / predicted
+            row["ttft_speedup"] = stock["ttft_ms"]["median"] / row["ttft_ms"]["median"]
+    return rows
+
+
+def _attention_acquisition(model, pixels, warmup: int, repeats: int, log) -> dict:
+    samples = {"ours_sdpa_hooks": [], "released_eager_all_maps": []}
+    peaks = {}
+    for round_index in range(warmup + repeats):
+        result = measure_attention_acquisition(model, pixels, with_memory=(round_index == 0))
+        for key, value in result.items():
+            if round_index == 0:
+                peaks[key] = (value.get("peak_memory_bytes"), value["attention_map_bytes"])
+            if round_index >= warmup:
+                samples[key].append(value["ms"])
+    attention = {
+        key: {"ms": _summary(samples[key]), "peak_memory_bytes": peaks[key][0], "attention_map_bytes": peaks[key][1]}
+        for key in samples
+    }
+    ours, theirs = attention["ours_sdpa_hooks"]["ms"]["median"], attention["released_eager_all_maps"]["ms"]["median"]
+    attention["released_over_ours"] = theirs / ours if ours else None
+    log(f"  VisionZip attention: ours {ours:.0f} ms, released way {theirs:.0f} ms")
+    return attention
+
+
+def figures(rows: list[dict], workload: Workload) -> list[dict]:
+    """The derived figures, per reduced row: what the reduction costs next to the vision tower, and the measured
+    LM prefill speed-up as a fraction of the one the FLOPs predict (the FLOP bound)."""
+    out = []
+    for row in rows:
+        method = _method_of(workload.models[row["method"]])
+        if method is None:
+            continue
+        out.append({
+            "figure": f"{row['method']}: reduction overhead ({method.label}'s work between the vision tower and "
+                      "the projector) / vision tower",
+            "method": row["method"], "kind": "reduction_over_vision",
+            "value": row["reduction_over_vision"], "value_by_minima": row["reduction_over_vision_by_minima"],
+        })
+        if "prefill_speedup_fraction" in row:
+            out.append({
+                "figure": f"{row['method']}: measured LM prefill speed-up / FLOP-predicted speed-up",
+                "method": row["method"], "kind": "prefill_speedup_fraction",
+                "value": row["prefill_speedup_fraction"], "value_by_minima": row["prefill_speedup_fraction_by_minima"],
+            })
+    return out
+
+
+def run_benchmark(workload: Workload, repeats: int = 3, warmup: int = 1, new_tokens: int = 8,
+                  attention_comparison: bool = True, log=print) -> dict:
+    """Run every method `warmup + repeats` times (interleaved) and summarise. Returns the JSON-able report."""
+    from tqdm.auto import tqdm
+
+    shape = workload.shape
+    load_at_start = os.getloadavg()
+    names = list(workload.models)
+    runs = {name: [] for name in names}
+    memory = {}
+    kept = {name: image_tokens_kept(workload.models[name], workload.inputs[name]) for name in names}
+    progress = tqdm(total=(warmup + repeats) * len(names), desc="bench", unit="run", disable=log is not print)
+    if log is print:
+        log = progress.write  # keeps the progress bar below the lines
+    for round_index in range(warmup + repeats):
+        timed = round_index >= warmup
+        for name in names:
+            result = measure_generate(
+                workload.models[name], workload.inputs[name], new_tokens, with_memory=(round_index == 0)
+            )
+            progress.update()
+            if round_index == 0:
+                memory[name] = result.get("peak_memory_bytes")
+            if timed:
+                runs[name].append(result)
+            log(f"  {'run ' + str(round_index - warmup + 1) if timed else 'warm-up'} {name}: "
+                f"vision {result['vision_ms']:.0f} ms, reduction {result['reduction_ms']:.1f} ms, "
+                f"prefill {result['prefill_ms']:.0f} ms ({result['prefill_tokens']} tokens), "
+                f"TTFT {result['ttft_ms']:.0f} ms")
+    progress.close()
+    rows = _rows(workload, runs, kept, memory)
+
+    attention = None
+    # The first row whose method reads a vision layer's attention: how much the released way of getting it costs.
+    attending = next((n for n in names if getattr(_method_of(workload.models[n]), "captures_vision_attention", False)),
+                     None)
+    if attention_comparison and attending is not None:
+        attention = _attention_acquisition(
+            workload.models[attending], workload.inputs[attending]["pixel_values"], warmup, repeats, log
+        )
+
+    return {
+        "random_weights": workload.random_weights,
+        "notice": RANDOM_WEIGHTS_NOTICE if workload.random_weights else "Weights loaded from " + workload.source,
+        "source": workload.source,
+        "shape": asdict(shape),
+        "vision_tower_flops": vision_tower_flops(shape),
+        "dtype": str(next(iter(workload.models.values())).dtype).replace("torch.", ""),
+        "batch": 1,
+        "repeats": repeats,
+        "warmup": warmup,
+        "new_tokens": new_tokens,
+        "machine": {**machine_info(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
+        "methods": rows,
+        "attention_acquisition": attention,
+        "figures": figures(rows, workload),
+        "notes": list(workload.notes),
+    }
