@@ -73,6 +73,7 @@ class ReductionMethod:
     generation_class_name: str  # the outer model (`AutoModelForImageTextToText`)
     processor_class_name: str  # what `AutoProcessor` resolves to for this config
     summary: str  # one line: what a result of the method is
+    reduction_steps: str  # what runs between the vision tower and the projector (bench's "reduction")
     side_inputs: tuple[str, ...]  # per-image inputs besides the pixels (the model's `image_side_input_names`)
     needs_clip_text_tower: bool  # the checkpoint carries CLIP's text tower (`convert` adds it from `--clip`)
     options: tuple[Option, ...]
@@ -134,7 +135,9 @@ VISIONZIP = ReductionMethod(
     model_class_name="LlavaVisionZipModel",
     generation_class_name="LlavaVisionZipForConditionalGeneration",
     processor_class_name="transformers:LlavaProcessor",
-    summary="a fixed budget per image: the patches CLS attends to most (CLS included) plus merged summaries of the rest",
+    summary="a fixed budget per image: the patches CLS attends to most (CLS included), plus merged summaries of "
+            "the rest",
+    reduction_steps="CLS row, selection, merge",
     side_inputs=(),
     needs_clip_text_tower=False,
     options=(
@@ -167,6 +170,7 @@ TRIM = ReductionMethod(
     generation_class_name="LlavaTrimForConditionalGeneration",
     processor_class_name="LlavaTrimProcessor",
     summary="a count that varies per image: the patches CLIP scores as outliers against the question, plus their mean",
+    reduction_steps="CLIP text tower, patch embeddings, scoring, IQR count, selection",
     side_inputs=("clip_input_ids", "clip_attention_mask"),
     needs_clip_text_tower=True,
     options=(

@@ -154,9 +154,11 @@ def test_image_features_are_timed_by_module_hooks_not_by_replacing_the_method():
     workload = bench.build_preset_workload(bench.PRESETS["tiny"], image, "hi", rows)
     for name, model in workload.models.items():
         seen = []
-        probe = model.model.multi_modal_projector.register_forward_hook(
-            lambda module, args, output: seen.append("get_image_features" in vars(model.model))
-        )
+
+        def probe_hook(module, args, output, seen=seen, inner=model.model):
+            seen.append("get_image_features" in vars(inner))
+
+        probe = model.model.multi_modal_projector.register_forward_hook(probe_hook)
         try:
             result = bench.measure_generate(model, workload.inputs[name], 2)
         finally:

@@ -5,8 +5,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import methods as registry
-from .runner import RANDOM_WEIGHTS_NOTICE, run_benchmark
 from .report import render_markdown, write_outputs
+from .runner import RANDOM_WEIGHTS_NOTICE, run_benchmark
 from .shapes import PRESETS
 from .workloads import DEFAULT_METHODS, DEFAULT_QUESTION, SAMPLE_IMAGE, build_checkpoint_workload, build_preset_workload
 
@@ -25,9 +25,12 @@ def register(subparsers) -> None:
             "a markdown table and a PNG plot."
         ),
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5-7b", help="model shape (default: llava-1.5-7b)")
-    parser.add_argument("--model", metavar="PATH", help=f"a local stock LLaVA checkpoint or one of {labels} instead of a preset")
-    parser.add_argument("--lm-layers", type=int, metavar="N", help="language-model layers (preset default: the real depth)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5-7b",
+                        help="model shape (default: llava-1.5-7b)")
+    parser.add_argument("--model", metavar="PATH",
+                        help=f"a local stock LLaVA checkpoint or one of {labels} instead of a preset")
+    parser.add_argument("--lm-layers", type=int, metavar="N",
+                        help="language-model layers (preset default: the real depth)")
     parser.add_argument("--vision-layers", type=int, metavar="N", help="vision-tower layers (preset default: 24)")
     parser.add_argument("--repeats", type=int, default=3, metavar="N", help="timed runs per method (default: 3)")
     parser.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per method first (default: 1)")
@@ -40,7 +43,8 @@ def register(subparsers) -> None:
                         help="skip timing a vision layer's attention the released way (eager, all maps)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--out", metavar="DIR", default="bench-results", help="output directory (default: bench-results)")
+    parser.add_argument("--out", metavar="DIR", default="bench-results",
+                        help="output directory (default: bench-results)")
     parser.add_argument("--stem", default="bench", help="file name stem of the outputs (default: bench)")
     parser.set_defaults(handler=run)
 

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+from .. import methods as registry
+
 
 def _mib(value) -> str:
     return "–" if value is None else f"{value / 2**20:.1f}"
@@ -23,17 +25,19 @@ def render_markdown(report: dict) -> str:
         f"**{report['notice']}**",
         "",
         f"Model: {report['source']} — vision {shape['vision_layers']}×{shape['vision_hidden']} "
-        f"({shape['image_size']}px/{shape['patch_size']}, {shape['vision_heads']} heads), LM {shape['lm_layers']} layers "
-        f"d={shape['lm_hidden']} m={shape['lm_intermediate']} {shape['lm_heads']} heads, vocab {shape['lm_vocab']}; "
-        f"CLIP text {shape['clip_text_layers']}×{shape['clip_text_hidden']}. {report['dtype']}, batch {report['batch']}, "
-        f"{report['new_tokens']} new tokens.",
-        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, torch threads {machine['torch_threads']}, "
-        f"{machine['memory_gib']} GiB; torch {machine['torch']}, transformers {machine['transformers']}; "
-        f"load average {machine['load_average_at_start'][0]:.1f} at start, {machine['load_average_at_end'][0]:.1f} at end.",
+        f"({shape['image_size']}px/{shape['patch_size']}, {shape['vision_heads']} heads), "
+        f"LM {shape['lm_layers']} layers d={shape['lm_hidden']} m={shape['lm_intermediate']} "
+        f"{shape['lm_heads']} heads, vocab {shape['lm_vocab']}; "
+        f"CLIP text {shape['clip_text_layers']}×{shape['clip_text_hidden']}. {report['dtype']}, "
+        f"batch {report['batch']}, {report['new_tokens']} new tokens.",
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
+        f"torch threads {machine['torch_threads']}, {machine['memory_gib']} GiB; torch {machine['torch']}, "
+        f"transformers {machine['transformers']}; load average {machine['load_average_at_start'][0]:.1f} at start, "
+        f"{machine['load_average_at_end'][0]:.1f} at end.",
         f"Median (min–max) of {report['repeats']} interleaved runs after {report['warmup']} warm-up; times in ms.",
         "",
-        "| method | image tokens | LM tokens | vision | reduction | (TRIM text tower) | LM prefill | TTFT | decode ms/token "
-        "| KV cache MiB | peak mem MiB | prefill GFLOPs | speed-up predicted | measured | fraction |",
+        "| method | image tokens | LM tokens | vision | reduction | (CLIP text tower) | LM prefill | TTFT "
+        "| decode ms/token | KV cache MiB | peak mem MiB | prefill GFLOPs | speed-up predicted | measured | fraction |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["methods"]:
@@ -55,8 +59,10 @@ def render_markdown(report: dict) -> str:
             "",
             "| way | ms | attention maps materialised MiB | peak mem MiB |",
             "|---|---|---|---|",
-            f"| ours: sdpa tower + hooks, CLS row only | {_ms(ours['ms'])} | {_mib(ours['attention_map_bytes'])} | {_mib(ours['peak_memory_bytes'])} |",
-            f"| released: eager tower, output_attentions=True | {_ms(theirs['ms'])} | {_mib(theirs['attention_map_bytes'])} | {_mib(theirs['peak_memory_bytes'])} |",
+            f"| ours: sdpa tower + hooks, CLS row only | {_ms(ours['ms'])} | {_mib(ours['attention_map_bytes'])} "
+            f"| {_mib(ours['peak_memory_bytes'])} |",
+            f"| released: eager tower, output_attentions=True | {_ms(theirs['ms'])} "
+            f"| {_mib(theirs['attention_map_bytes'])} | {_mib(theirs['peak_memory_bytes'])} |",
             "",
             f"The released way takes {attention['released_over_ours']:.2f}× our time.",
         ]
@@ -64,14 +70,15 @@ def render_markdown(report: dict) -> str:
     for figure in report["figures"]:
         lines.append(f"- {figure['figure']}: {100 * figure['value']:.1f}% by medians "
                      f"({100 * figure['value_by_minima']:.1f}% by minima)")
+    steps = "; ".join(f"{method.label}: {method.reduction_steps}" for method in registry.METHODS.values())
     lines += [
         "",
-        "Reduction = `get_image_features` minus the vision tower and the projector (VisionZip: CLS row, selection, "
-        "merge; TRIM: CLIP text tower, patch embeddings, scoring, IQR count, selection). Prefill = the first language-"
+        "Reduction = the image features (first tower start to projector end, inside `get_image_features`) minus the "
+        f"vision tower and the projector ({steps}). Prefill = the first language-"
         "model call; TTFT = start of `generate` to the first LM-head output; decode = wall time per later step. "
         "Prefill FLOPs: q/k/v/o projections, three-matrix MLP, causal score/value products, LM head on one position; "
-        "fraction = measured speed-up / FLOP-predicted speed-up over stock. Peak memory: RSS above the level before the "
-        "call (warm-up run), weights excluded.",
+        "fraction = measured speed-up / FLOP-predicted speed-up over stock. Peak memory: RSS above the level before "
+        "the call (warm-up run), weights excluded.",
     ]
     for note in report["notes"]:
         lines += ["", f"Note: {note}"]

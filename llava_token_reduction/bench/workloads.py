@@ -47,7 +47,8 @@ DEFAULT_METHODS = (
 )
 
 
-def _configs(shape: BenchShape, image_token_id: int, pad_id: int, bos_id: int, eos_id: int, clip_ids=(None, None, None)):
+def _configs(shape: BenchShape, image_token_id: int, pad_id: int, bos_id: int, eos_id: int,
+             clip_ids=(None, None, None)):
     from transformers import CLIPTextConfig, CLIPVisionConfig, LlamaConfig
 
     vision = CLIPVisionConfig(
@@ -196,7 +197,8 @@ def build_checkpoint_workload(path: str, image, question: str, methods, dtype: s
         base = own.generation_class.from_pretrained(path, dtype=torch_dtype).eval()
     else:
         base = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
-        lacking = {m.kind: m.reduction for m in methods if m.reduction is not None and m.reduction.needs_clip_text_tower}
+        lacking = {m.kind: m.reduction for m in methods
+                   if m.reduction is not None and m.reduction.needs_clip_text_tower}
         for reduction in lacking.values():
             notes.append(f"{reduction.label} skipped: the checkpoint has no CLIP text tower (convert it with "
                          f"`convert {reduction.name}`).")
