@@ -45,7 +45,8 @@ class Option:
     def add_to(self, parser: argparse.ArgumentParser, help: str | None = None) -> None:
         """Add this option to `parser`. Its argparse default is None, meaning "the checkpoint's value"; a bool
         option becomes `--flag` / `--no-flag`."""
-        text = help or f"{self.help} (default: the checkpoint's, else {self.default})"
+        fallback = "unset" if self.default is None else self.default
+        text = help or f"{self.help} (default: the checkpoint's, else {fallback})"
         if self.type is bool:
             parser.add_argument(self.flag, dest=self.field, action=argparse.BooleanOptionalAction, default=None,
                                 help=text)

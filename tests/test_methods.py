@@ -83,6 +83,9 @@ def test_option_flags_do_not_collide_and_parse_into_overrides():
     assert args.trim_iqr_multiplier == 2.0 and isinstance(args.trim_iqr_multiplier, float)
     assert methods.VISIONZIP.overrides_from(args) == {"dominant_tokens": 108}
     assert methods.TRIM.overrides_from(args) == {}  # TRIM offers no command-line options today
+    text = " ".join(parser.format_help().split())
+    assert "--dominant-tokens N VisionZip dominant tokens, CLS included (default: the checkpoint's, else 54)" in text
+    assert "at most this many kept patches (default: the checkpoint's, else unset)" in text
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
