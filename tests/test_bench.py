@@ -167,3 +167,24 @@ def test_image_features_are_timed_by_module_hooks_not_by_replacing_the_method():
         # The feature span covers the towers, the reduction and the projector.
         assert result["reduction_ms"] >= result["text_tower_ms"] >= 0, name
     assert result["text_tower_ms"] > 0  # trim, the last row
+
+
+def test_a_stock_checkpoint_skips_the_rows_that_need_the_clip_text_tower(tmp_path):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from llava_token_reduction.tiny import build_processor, llava_config_kwargs
+
+    processor = build_processor()
+    LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs(tokenizer=processor.tokenizer))).save_pretrained(
+        tmp_path
+    )
+    processor.save_pretrained(tmp_path)
+    image = Image.open(bench.SAMPLE_IMAGE).convert("RGB")
+    rows = [bench.Method("stock", "stock"), bench.Method("vz", "visionzip", 6, 2), bench.Method("trim", "trim")]
+    workload = bench.build_checkpoint_workload(str(tmp_path), image, "What is here?", rows)
+    assert list(workload.models) == ["stock", "vz"]
+    assert workload.notes == [
+        "TRIM skipped: the checkpoint has no CLIP text tower (convert it with `convert trim`)."
+    ]
+    assert (workload.models["vz"].config.dominant_tokens, workload.models["vz"].config.contextual_tokens) == (6, 2)
+    assert set(workload.inputs["vz"]) == set(workload.inputs["stock"]) and "clip_input_ids" not in workload.inputs["vz"]
