@@ -1,8 +1,8 @@
 """LLaVA with TRIM: each image keeps the patches CLIP singles out for the question, plus the mean of the rest.
 
     pixel_values [B, C, H, W]                       clip_input_ids / clip_attention_mask [B, 77]
-      -> CLIP vision tower (a hook records the       -> clip_text_model (CLIPTextModelWithProjection)
-         feature layer's output, default hs[-2])     -> text_embeds t [B, E]                   (fp32)
+      -> CLIP vision tower (its hidden state          -> clip_text_model (CLIPTextModelWithProjection)
+         vision_feature_layer, default hs[-2])       -> text_embeds t [B, E]                   (fp32)
       -> patches P [B, N_p, D_v] (CLS dropped)
       -> Z = visual_projection(post_layernorm(P)) [B, N_p, E]                                  (fp32)
       -> softmax(±<Z, t>) -> IQR outlier count per image (or per batch) -> bounds            (fp32)
@@ -23,22 +23,21 @@ import torch
 from torch import nn
 from transformers import AutoModel, CLIPTextModelWithProjection, LlavaModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils.generic import can_return_tuple
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, LlavaPreTrainedModel
 
 from ..configuration.configuration_llava_trim import LlavaTrimConfig
 from .modeling_reduced_llava import (
     ReducedLlavaForConditionalGeneration,
     as_pixel_batch,
-    capture_outputs_of,
     register_llava_weight_renames,
+    run_vision_tower,
     vision_tokens_of,
 )
 from .token_reduction import trim_reduce
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-# Inputs of the stock signature (or generate bookkeeping) that the vision tower must not receive.
-_NOT_FOR_THE_TOWER = ("output_hidden_states", "output_attentions", "return_dict", "image_sizes")
 
 
 @dataclass
@@ -99,19 +98,18 @@ class LlavaTrimModel(LlavaModel):
 
     # Inputs -----------------------------------------------------------------------------------------
 
-    def _feature_layer_module(self) -> nn.Module:
-        """The module whose output is `hidden_states[vision_feature_layer]` of the vision tower."""
+    def _feature_state_index(self) -> int:
+        """The index of `vision_feature_layer` into the vision tower's `L + 1` hidden states."""
         layer = self.config.vision_feature_layer
-        layers = self.vision_tower.encoder.layers
+        num_states = len(self.vision_tower.encoder.layers) + 1
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise ValueError(f"TRIM needs one integer `vision_feature_layer` (default -2), got {layer!r}")
-        position = layer + len(layers) + 1 if layer < 0 else layer  # index into the L + 1 hidden states
-        if not 0 <= position <= len(layers):
+        if not -num_states <= layer < num_states:
             raise ValueError(
-                f"`vision_feature_layer` must index one of the {len(layers) + 1} hidden states "
-                f"(from {-len(layers) - 1} to {len(layers)}), got {layer}"
+                f"`vision_feature_layer` must index one of the {num_states} hidden states "
+                f"(from {-num_states} to {num_states - 1}), got {layer}"
             )
-        return self.vision_tower.pre_layrnorm if position == 0 else layers[position - 1]
+        return layer % num_states
 
     def _check_clip_inputs(self, clip_input_ids, clip_attention_mask, num_images: int):
         max_length = self.config.clip_text_config.max_position_embeddings
@@ -191,6 +189,7 @@ class LlavaTrimModel(LlavaModel):
         normed = norm(patch_features.to(_compute_dtype(norm)))
         return self.visual_projection(normed.to(_compute_dtype(self.visual_projection))).float()
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values,
@@ -198,6 +197,8 @@ class LlavaTrimModel(LlavaModel):
         vision_feature_select_strategy=None,
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
+        output_hidden_states=None,
+        output_attentions=None,
         **kwargs,
     ) -> TrimImageFeaturesOutput:
         """Reduce and project each image with TRIM.
@@ -209,6 +210,9 @@ class LlavaTrimModel(LlavaModel):
             clip_input_ids: `[B, T]` CLIP token ids of each image's question (`T <= 77`), one row per image in
                 image order. Required.
             clip_attention_mask: `[B, T]`, optional.
+            output_hidden_states, output_attentions, return_dict: as stock `LlavaModel.get_image_features`: the
+                vision tower's hidden states / attentions are returned when asked for (under sdpa the tower
+                returns no attention weights, as stock); `return_dict=False` returns a tuple.
 
         Returns:
             `TrimImageFeaturesOutput` whose `pooler_output` is a list of `B` tensors
@@ -219,17 +223,20 @@ class LlavaTrimModel(LlavaModel):
                 naming the config field when a bound exceeds the image's patches; before any compute.
         """
         config = self.config
-        pixel_values = as_pixel_batch(pixel_values, config.vision_config)
+        pixel_values = as_pixel_batch(
+            pixel_values, config.vision_config, interpolate_pos_encoding=bool(kwargs.get("interpolate_pos_encoding"))
+        )
         num_images = pixel_values.shape[0]
         self._check_clip_inputs(clip_input_ids, clip_attention_mask, num_images)
         config.validate_token_reduction(num_patches=vision_tokens_of(pixel_values, config.vision_config) - 1)
-        feature_module = self._feature_layer_module()
-        kwargs = {key: value for key, value in kwargs.items() if key not in _NOT_FOR_THE_TOWER}
+        feature_state = self._feature_state_index()
+        kwargs.pop("image_sizes", None)  # generate bookkeeping of other LLaVA families, not a tower input
 
         text_embeds = self.get_question_embeds(clip_input_ids, clip_attention_mask)
-        with capture_outputs_of({"features": feature_module}) as captured:
-            self.vision_tower(pixel_values, return_dict=True, **kwargs)
-        patch_features = captured["features"][:, 1:]
+        outputs, (features,) = run_vision_tower(
+            self.vision_tower, pixel_values, [feature_state], output_hidden_states, output_attentions, **kwargs
+        )
+        patch_features = features[:, 1:]
         patch_embeds = self.get_patch_embeds(patch_features)
 
         tokens, kept_indices, scores = trim_reduce(
@@ -248,7 +255,12 @@ class LlavaTrimModel(LlavaModel):
         projected = self.multi_modal_projector(torch.cat(tokens, dim=0).to(projector_dtype))
         per_image = list(projected.split([len(t) for t in tokens], dim=0))
         return TrimImageFeaturesOutput(
-            last_hidden_state=patch_features, pooler_output=per_image, kept_indices=kept_indices, scores=scores
+            last_hidden_state=patch_features,
+            pooler_output=per_image,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            kept_indices=kept_indices,
+            scores=scores,
         )
 
 
