@@ -94,7 +94,32 @@ class LlavaTrimModel(LlavaModel):
         self.language_model = AutoModel.from_config(config.text_config)
         self.clip_text_model = CLIPTextModelWithProjection._from_config(config.clip_text_config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        # `_from_config(dtype=...)` builds every module in that dtype (from_pretrained applies the fp32 list
+        # itself): the scoring modules are made fp32 here, before their weights are initialised.
+        for module in self._fp32_scoring_modules():
+            module.float()
         self.post_init()
+
+    def _fp32_scoring_modules(self) -> list[nn.Module]:
+        """The modules of `_keep_in_fp32_modules_strict`, in the same order."""
+        return [self.clip_text_model, self.visual_projection, self.vision_tower.post_layernorm]
+
+    def _apply(self, fn, recurse=True):
+        """`model.to(torch.bfloat16)`, `.half()` and the like convert every parameter; the scoring modules keep
+        their fp32 weights (device moves still apply), as under `from_pretrained(dtype=...)`. To cast them
+        anyway, call `.to(dtype)` on the modules themselves."""
+        # By owner and name: `_apply` may replace a Parameter object instead of changing it in place.
+        kept = [(module, name, parameter.data) for owner in self._fp32_scoring_modules()
+                for module in owner.modules() for name, parameter in module._parameters.items()
+                if parameter is not None and parameter.dtype == torch.float32]
+        result = super()._apply(fn, recurse)
+        for module, name, original in kept:
+            parameter = module._parameters[name]
+            if parameter.dtype != torch.float32:  # cast by `fn`: take the original fp32 values to the new device
+                parameter.data = original.to(parameter.device)
+                if parameter.grad is not None:
+                    parameter.grad.data = parameter.grad.data.float()
+        return result
 
     # Inputs -----------------------------------------------------------------------------------------
 
