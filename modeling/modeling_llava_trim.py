@@ -27,14 +27,9 @@ from transformers.utils.generic import can_return_tuple
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, LlavaPreTrainedModel
 
 from ..configuration.configuration_llava_trim import LlavaTrimConfig
-from .modeling_reduced_llava import (
-    ReducedLlavaForConditionalGeneration,
-    as_pixel_batch,
-    register_llava_weight_renames,
-    run_vision_tower,
-    vision_tokens_of,
-)
+from .modeling_reduced_llava import ReducedLlavaForConditionalGeneration, register_llava_weight_renames
 from .token_reduction import trim_reduce
+from .vision_inputs import as_pixel_batch, run_vision_tower, vision_tokens_of
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -157,11 +152,36 @@ class LlavaTrimModel(LlavaModel):
                 f"`clip_input_ids` rows must be at most {max_length} tokens (CLIP's limit; truncate them), "
                 f"got {clip_input_ids.shape[1]}"
             )
-        if clip_attention_mask is not None and tuple(clip_attention_mask.shape) != tuple(clip_input_ids.shape):
-            raise ValueError(
-                f"`clip_attention_mask` must have the shape of `clip_input_ids` {tuple(clip_input_ids.shape)}, "
-                f"got {tuple(clip_attention_mask.shape)}"
+        if clip_input_ids.dtype.is_floating_point or clip_input_ids.dtype.is_complex or clip_input_ids.dtype == torch.bool:
+            raise TypeError(
+                f"`clip_input_ids` must hold integer token ids (torch.long), got {clip_input_ids.dtype}: cast the "
+                "processor outputs with `.to(device, dtype)` on the BatchFeature, which leaves integer tensors alone"
             )
+        if clip_input_ids.shape[1] == 0:
+            raise ValueError(
+                "`clip_input_ids` rows are empty (shape "
+                f"{tuple(clip_input_ids.shape)}): each needs at least CLIP's BOS and EOS tokens, as "
+                "`LlavaTrimProcessor` writes them (an image without a question gets the empty question)"
+            )
+        vocab_size = self.config.clip_text_config.vocab_size
+        if num_images and (int(clip_input_ids.min()) < 0 or int(clip_input_ids.max()) >= vocab_size):
+            raise ValueError(
+                f"`clip_input_ids` must be CLIP token ids in [0, {vocab_size - 1}] (the CLIP text tower's vocabulary), "
+                f"got values from {int(clip_input_ids.min())} to {int(clip_input_ids.max())}: were they made by the "
+                "LLaVA tokenizer instead of `processor.clip_tokenizer`?"
+            )
+        if clip_attention_mask is not None:
+            if tuple(clip_attention_mask.shape) != tuple(clip_input_ids.shape):
+                raise ValueError(
+                    f"`clip_attention_mask` must have the shape of `clip_input_ids` {tuple(clip_input_ids.shape)}, "
+                    f"got {tuple(clip_attention_mask.shape)}"
+                )
+            empty_rows = (clip_attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
+            if empty_rows:
+                raise ValueError(
+                    f"`clip_attention_mask` rows {empty_rows} attend no token: every row needs at least CLIP's BOS and "
+                    "EOS (1 where `clip_input_ids` holds a real token, 0 on padding)"
+                )
 
     def load_clip_text_weights(self, clip_state_dict: dict[str, torch.Tensor]) -> None:
         """Fill `clip_text_model` and `visual_projection` from the state dict of a transformers `CLIPModel`
