@@ -82,3 +82,15 @@ def test_return_dict_false_gives_a_tuple(method):
     assert isinstance(as_tuple, tuple) and isinstance(stock_tuple, tuple)
     assert torch.equal(as_tuple[0], as_dict.last_hidden_state)
     assert len(as_tuple[1]) == 2 and all(torch.equal(a, b) for a, b in zip(as_tuple[1], as_dict.pooler_output))
+
+
+@pytest.mark.parametrize("method", ["visionzip", "trim"])
+def test_config_return_dict_false_is_honoured(method):
+    ours, stock, extra = _models(method)
+    ours.config.return_dict = stock.config.return_dict = False
+    with torch.no_grad():
+        got = ours.get_image_features(pixel_values=_pixels(), **extra)
+        expected = stock.get_image_features(pixel_values=_pixels())
+        explicit = ours.get_image_features(pixel_values=_pixels(), return_dict=True, **extra)
+    assert isinstance(got, tuple) and isinstance(expected, tuple)
+    assert all(torch.equal(a, b) for a, b in zip(got[1], explicit.pooler_output))
