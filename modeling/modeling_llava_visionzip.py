@@ -45,7 +45,7 @@ class LlavaVisionZipModel(LlavaModel):
             self.vision_tower, pixel_values, [index, index + 1], output_hidden_states, output_attentions, **kwargs
         )
         # The layer's q/k projections, recomputed from its input rather than hooked: hooks on shared modules
-        # would record every thread's forward. Costs one k_proj (queries for CLS only), ~0.3% of a 24-layer tower.
+        # would record every thread's forward. Costs one k_proj (queries for CLS only), ~0.2% of a CLIP-L/336 tower.
         layer = layers[index]
         normed = layer.layer_norm1(layer_input)
         queries = layer.self_attn.q_proj(normed[:, :1])
