@@ -152,7 +152,8 @@ class LlavaTrimModel(LlavaModel):
                 f"`clip_input_ids` rows must be at most {max_length} tokens (CLIP's limit; truncate them), "
                 f"got {clip_input_ids.shape[1]}"
             )
-        if clip_input_ids.dtype.is_floating_point or clip_input_ids.dtype.is_complex or clip_input_ids.dtype == torch.bool:
+        dtype = clip_input_ids.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
             raise TypeError(
                 f"`clip_input_ids` must hold integer token ids (torch.long), got {clip_input_ids.dtype}: cast the "
                 "processor outputs with `.to(device, dtype)` on the BatchFeature, which leaves integer tensors alone"
