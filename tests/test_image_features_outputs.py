@@ -38,14 +38,18 @@ def _pixels():
     return torch.randn(2, 3, TEST_SHAPE.image_size, TEST_SHAPE.image_size, generator=torch.Generator().manual_seed(1))
 
 
+def _ours_stock_and_plain(method, attention="sdpa", **kwargs):
+    """`get_image_features(**kwargs)` of our model and of stock LLaVA with the same weights, and ours without them."""
+    ours, stock, extra = _models(method, attention)
+    with torch.no_grad():
+        return (ours.get_image_features(pixel_values=_pixels(), **kwargs, **extra),
+                stock.get_image_features(pixel_values=_pixels(), **kwargs),
+                ours.get_image_features(pixel_values=_pixels(), **extra))
+
+
 @pytest.mark.parametrize("method", ["visionzip", "trim"])
 def test_output_hidden_states_are_the_towers_as_stock(method):
-    ours, stock, extra = _models(method)
-    pixel_values = _pixels()
-    with torch.no_grad():
-        got = ours.get_image_features(pixel_values=pixel_values, output_hidden_states=True, **extra)
-        expected = stock.get_image_features(pixel_values=pixel_values, output_hidden_states=True)
-        plain = ours.get_image_features(pixel_values=pixel_values, **extra)
+    got, expected, plain = _ours_stock_and_plain(method, output_hidden_states=True)
     assert len(got.hidden_states) == TEST_SHAPE.vision_layers + 1 == len(expected.hidden_states)
     for mine, theirs in zip(got.hidden_states, expected.hidden_states):
         assert torch.equal(mine, theirs)
@@ -57,11 +61,7 @@ def test_output_hidden_states_are_the_towers_as_stock(method):
 @pytest.mark.parametrize("method", ["visionzip", "trim"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_output_attentions_as_stock_under_the_same_attention(method, attention):
-    ours, stock, extra = _models(method, attention)
-    pixel_values = _pixels()
-    with torch.no_grad():
-        got = ours.get_image_features(pixel_values=pixel_values, output_attentions=True, **extra)
-        expected = stock.get_image_features(pixel_values=pixel_values, output_attentions=True)
+    got, expected, _ = _ours_stock_and_plain(method, attention, output_attentions=True)
     assert len(got.attentions) == len(expected.attentions)
     if attention == "eager":
         assert len(got.attentions) == TEST_SHAPE.vision_layers
@@ -73,12 +73,7 @@ def test_output_attentions_as_stock_under_the_same_attention(method, attention):
 
 @pytest.mark.parametrize("method", ["visionzip", "trim"])
 def test_return_dict_false_gives_a_tuple(method):
-    ours, stock, extra = _models(method)
-    pixel_values = _pixels()
-    with torch.no_grad():
-        as_tuple = ours.get_image_features(pixel_values=pixel_values, return_dict=False, **extra)
-        as_dict = ours.get_image_features(pixel_values=pixel_values, **extra)
-        stock_tuple = stock.get_image_features(pixel_values=pixel_values, return_dict=False)
+    as_tuple, stock_tuple, as_dict = _ours_stock_and_plain(method, return_dict=False)
     assert isinstance(as_tuple, tuple) and isinstance(stock_tuple, tuple)
     assert torch.equal(as_tuple[0], as_dict.last_hidden_state)
     assert len(as_tuple[1]) == 2 and all(torch.equal(a, b) for a, b in zip(as_tuple[1], as_dict.pooler_output))
