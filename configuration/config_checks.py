@@ -52,13 +52,33 @@ def check_layer_index(field: str, value, num_layers: int) -> None:
         )
 
 
+def check_single_feature_layer(value, method: str) -> None:
+    """`vision_feature_layer` must be one layer index: `LlavaConfig` also allows a list, for which the projector is
+    built on the concatenation of several layers, and the reductions feed it one layer's features."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"`vision_feature_layer` must be one int (a hidden-state index of the vision tower, default -2) for "
+            f"{method}, got {value!r}: a list of layers builds a projector for concatenated features, and {method} "
+            "feeds it the tokens of one layer"
+        )
+
+
+def plain_scalar(value):
+    """numpy scalars and 0-d numpy arrays / torch tensors as the Python number they hold (so the config stays
+    JSON-serialisable); anything else unchanged. Duck-typed: this module imports neither numpy nor torch."""
+    if not isinstance(value, (bool, int, float, str)) and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 def vision_token_count(vision_config) -> int:
     """Tokens the vision tower emits per image: the patch grid plus CLS."""
     return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
 
 
 class FieldCheckedConfig:
-    """Mixin for configs whose fields are checked one at a time whenever they are set.
+    """Mixin for configs whose fields are checked one at a time whenever they are set (numpy and torch scalars
+    are stored as the plain Python number they hold).
 
     `from_pretrained(path, field=value)` applies load-time overrides with setattr after construction,
     bypassing `__post_init__`; checking in `__setattr__` catches those too. Subclasses list their checks
@@ -71,6 +91,7 @@ class FieldCheckedConfig:
     def __setattr__(self, key, value):
         check = type(self).single_field_checks.get(key)
         if check is not None:
+            value = plain_scalar(value)  # np.int64(10) is stored as 10: JSON cannot hold numpy numbers
             check(value)
         super().__setattr__(key, value)
 

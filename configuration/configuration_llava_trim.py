@@ -3,7 +3,15 @@
 from transformers import CLIPTextConfig, LlavaConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .config_checks import FieldCheckedConfig, check_bool, check_finite_float, check_int, check_optional_int, vision_token_count
+from .config_checks import (
+    FieldCheckedConfig,
+    check_bool,
+    check_finite_float,
+    check_int,
+    check_optional_int,
+    check_single_feature_layer,
+    vision_token_count,
+)
 
 
 # The text tower of openai/clip-vit-large-patch14-336, the vision tower of LLaVA-1.5.
@@ -26,6 +34,7 @@ _SINGLE_FIELD_CHECKS = {
     "trim_min_tokens": lambda value: check_optional_int("trim_min_tokens", value, minimum=0),
     "trim_max_tokens": lambda value: check_optional_int("trim_max_tokens", value, minimum=1),
     "trim_append_mean_token": lambda value: check_bool("trim_append_mean_token", value),
+    "vision_feature_layer": lambda value: check_single_feature_layer(value, "TRIM"),
 }
 
 

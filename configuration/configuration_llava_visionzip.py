@@ -2,7 +2,7 @@
 
 from transformers import LlavaConfig
 
-from .config_checks import FieldCheckedConfig, check_int, check_layer_index, vision_token_count
+from .config_checks import FieldCheckedConfig, check_int, check_layer_index, check_single_feature_layer, vision_token_count
 
 
 # Fields checked one at a time whenever they are set, including the load-time overrides that
@@ -11,6 +11,7 @@ _SINGLE_FIELD_CHECKS = {
     "dominant_tokens": lambda value: check_int("dominant_tokens", value, minimum=1),
     "contextual_tokens": lambda value: check_int("contextual_tokens", value, minimum=0),
     "visionzip_layer": lambda value: check_int("visionzip_layer", value),
+    "vision_feature_layer": lambda value: check_single_feature_layer(value, "VisionZip"),
 }
 
 

@@ -1,8 +1,8 @@
 """LLaVA with TRIM: each image keeps the patches CLIP singles out for the question, plus the mean of the rest.
 
     pixel_values [B, C, H, W]                       clip_input_ids / clip_attention_mask [B, 77]
-      -> CLIP vision tower (a hook records the       -> clip_text_model (CLIPTextModelWithProjection)
-         feature layer's output, default hs[-2])     -> text_embeds t [B, E]                   (fp32)
+      -> CLIP vision tower (its hidden state          -> clip_text_model (CLIPTextModelWithProjection)
+         vision_feature_layer, default hs[-2])       -> text_embeds t [B, E]                   (fp32)
       -> patches P [B, N_p, D_v] (CLS dropped)
       -> Z = visual_projection(post_layernorm(P)) [B, N_p, E]                                  (fp32)
       -> softmax(±<Z, t>) -> IQR outlier count per image (or per batch) -> bounds            (fp32)
@@ -23,22 +23,16 @@ import torch
 from torch import nn
 from transformers import AutoModel, CLIPTextModelWithProjection, LlavaModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils.generic import can_return_tuple
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, LlavaPreTrainedModel
 
 from ..configuration.configuration_llava_trim import LlavaTrimConfig
-from .modeling_reduced_llava import (
-    ReducedLlavaForConditionalGeneration,
-    as_pixel_batch,
-    capture_outputs_of,
-    register_llava_weight_renames,
-    vision_tokens_of,
-)
+from .modeling_reduced_llava import ReducedLlavaForConditionalGeneration, register_llava_weight_renames
 from .token_reduction import trim_reduce
+from .vision_inputs import as_pixel_batch, run_vision_tower, vision_tokens_of
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-# Inputs of the stock signature (or generate bookkeeping) that the vision tower must not receive.
-_NOT_FOR_THE_TOWER = ("output_hidden_states", "output_attentions", "return_dict", "image_sizes")
 
 
 @dataclass
@@ -95,23 +89,47 @@ class LlavaTrimModel(LlavaModel):
         self.language_model = AutoModel.from_config(config.text_config)
         self.clip_text_model = CLIPTextModelWithProjection._from_config(config.clip_text_config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        # `_from_config(dtype=...)` builds every module in that dtype (from_pretrained applies the fp32 list
+        # itself): the scoring modules are made fp32 here, before their weights are initialised.
+        for module in self._fp32_scoring_modules():
+            module.float()
         self.post_init()
+
+    def _fp32_scoring_modules(self) -> list[nn.Module]:
+        """The modules of `_keep_in_fp32_modules_strict`, in the same order."""
+        return [self.clip_text_model, self.visual_projection, self.vision_tower.post_layernorm]
+
+    def _apply(self, fn, recurse=True):
+        """`model.to(torch.bfloat16)`, `.half()` and the like convert every parameter; the scoring modules keep
+        their fp32 weights (device moves still apply), as under `from_pretrained(dtype=...)`. To cast them
+        anyway, call `.to(dtype)` on the modules themselves."""
+        # By owner and name: `_apply` may replace a Parameter object instead of changing it in place.
+        kept = [(module, name, parameter.data) for owner in self._fp32_scoring_modules()
+                for module in owner.modules() for name, parameter in module._parameters.items()
+                if parameter is not None and parameter.dtype == torch.float32]
+        result = super()._apply(fn, recurse)
+        for module, name, original in kept:
+            parameter = module._parameters[name]
+            if parameter.dtype != torch.float32:  # cast by `fn`: take the original fp32 values to the new device
+                parameter.data = original.to(parameter.device)
+                if parameter.grad is not None:
+                    parameter.grad.data = parameter.grad.data.float()
+        return result
 
     # Inputs -----------------------------------------------------------------------------------------
 
-    def _feature_layer_module(self) -> nn.Module:
-        """The module whose output is `hidden_states[vision_feature_layer]` of the vision tower."""
+    def _feature_state_index(self) -> int:
+        """The index of `vision_feature_layer` into the vision tower's `L + 1` hidden states."""
         layer = self.config.vision_feature_layer
-        layers = self.vision_tower.encoder.layers
+        num_states = len(self.vision_tower.encoder.layers) + 1
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise ValueError(f"TRIM needs one integer `vision_feature_layer` (default -2), got {layer!r}")
-        position = layer + len(layers) + 1 if layer < 0 else layer  # index into the L + 1 hidden states
-        if not 0 <= position <= len(layers):
+        if not -num_states <= layer < num_states:
             raise ValueError(
-                f"`vision_feature_layer` must index one of the {len(layers) + 1} hidden states "
-                f"(from {-len(layers) - 1} to {len(layers)}), got {layer}"
+                f"`vision_feature_layer` must index one of the {num_states} hidden states "
+                f"(from {-num_states} to {num_states - 1}), got {layer}"
             )
-        return self.vision_tower.pre_layrnorm if position == 0 else layers[position - 1]
+        return layer % num_states
 
     def _check_clip_inputs(self, clip_input_ids, clip_attention_mask, num_images: int):
         max_length = self.config.clip_text_config.max_position_embeddings
@@ -134,11 +152,37 @@ class LlavaTrimModel(LlavaModel):
                 f"`clip_input_ids` rows must be at most {max_length} tokens (CLIP's limit; truncate them), "
                 f"got {clip_input_ids.shape[1]}"
             )
-        if clip_attention_mask is not None and tuple(clip_attention_mask.shape) != tuple(clip_input_ids.shape):
-            raise ValueError(
-                f"`clip_attention_mask` must have the shape of `clip_input_ids` {tuple(clip_input_ids.shape)}, "
-                f"got {tuple(clip_attention_mask.shape)}"
+        dtype = clip_input_ids.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise TypeError(
+                f"`clip_input_ids` must hold integer token ids (torch.long), got {clip_input_ids.dtype}: cast the "
+                "processor outputs with `.to(device, dtype)` on the BatchFeature, which leaves integer tensors alone"
             )
+        if clip_input_ids.shape[1] == 0:
+            raise ValueError(
+                "`clip_input_ids` rows are empty (shape "
+                f"{tuple(clip_input_ids.shape)}): each needs at least CLIP's BOS and EOS tokens, as "
+                "`LlavaTrimProcessor` writes them (an image without a question gets the empty question)"
+            )
+        vocab_size = self.config.clip_text_config.vocab_size
+        if num_images and (int(clip_input_ids.min()) < 0 or int(clip_input_ids.max()) >= vocab_size):
+            raise ValueError(
+                f"`clip_input_ids` must be CLIP token ids in [0, {vocab_size - 1}] (the CLIP text tower's vocabulary), "
+                f"got values from {int(clip_input_ids.min())} to {int(clip_input_ids.max())}: were they made by the "
+                "LLaVA tokenizer instead of `processor.clip_tokenizer`?"
+            )
+        if clip_attention_mask is not None:
+            if tuple(clip_attention_mask.shape) != tuple(clip_input_ids.shape):
+                raise ValueError(
+                    f"`clip_attention_mask` must have the shape of `clip_input_ids` {tuple(clip_input_ids.shape)}, "
+                    f"got {tuple(clip_attention_mask.shape)}"
+                )
+            empty_rows = (clip_attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
+            if empty_rows:
+                raise ValueError(
+                    f"`clip_attention_mask` rows {empty_rows} attend no token: every row needs at least CLIP's BOS and "
+                    "EOS (1 where `clip_input_ids` holds a real token, 0 on padding)"
+                )
 
     def load_clip_text_weights(self, clip_state_dict: dict[str, torch.Tensor]) -> None:
         """Fill `clip_text_model` and `visual_projection` from the state dict of a transformers `CLIPModel`
@@ -191,6 +235,7 @@ class LlavaTrimModel(LlavaModel):
         normed = norm(patch_features.to(_compute_dtype(norm)))
         return self.visual_projection(normed.to(_compute_dtype(self.visual_projection))).float()
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values,
@@ -198,6 +243,8 @@ class LlavaTrimModel(LlavaModel):
         vision_feature_select_strategy=None,
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
+        output_hidden_states=None,
+        output_attentions=None,
         **kwargs,
     ) -> TrimImageFeaturesOutput:
         """Reduce and project each image with TRIM.
@@ -209,6 +256,9 @@ class LlavaTrimModel(LlavaModel):
             clip_input_ids: `[B, T]` CLIP token ids of each image's question (`T <= 77`), one row per image in
                 image order. Required.
             clip_attention_mask: `[B, T]`, optional.
+            output_hidden_states, output_attentions, return_dict: as stock `LlavaModel.get_image_features`: the
+                vision tower's hidden states / attentions are returned when asked for (under sdpa the tower
+                returns no attention weights, as stock); `return_dict=False` returns a tuple.
 
         Returns:
             `TrimImageFeaturesOutput` whose `pooler_output` is a list of `B` tensors
@@ -219,17 +269,20 @@ class LlavaTrimModel(LlavaModel):
                 naming the config field when a bound exceeds the image's patches; before any compute.
         """
         config = self.config
-        pixel_values = as_pixel_batch(pixel_values, config.vision_config)
+        pixel_values = as_pixel_batch(
+            pixel_values, config.vision_config, interpolate_pos_encoding=bool(kwargs.get("interpolate_pos_encoding"))
+        )
         num_images = pixel_values.shape[0]
         self._check_clip_inputs(clip_input_ids, clip_attention_mask, num_images)
         config.validate_token_reduction(num_patches=vision_tokens_of(pixel_values, config.vision_config) - 1)
-        feature_module = self._feature_layer_module()
-        kwargs = {key: value for key, value in kwargs.items() if key not in _NOT_FOR_THE_TOWER}
+        feature_state = self._feature_state_index()
+        kwargs.pop("image_sizes", None)  # generate bookkeeping of other LLaVA families, not a tower input
 
         text_embeds = self.get_question_embeds(clip_input_ids, clip_attention_mask)
-        with capture_outputs_of({"features": feature_module}) as captured:
-            self.vision_tower(pixel_values, return_dict=True, **kwargs)
-        patch_features = captured["features"][:, 1:]
+        outputs, (features,) = run_vision_tower(
+            self.vision_tower, pixel_values, [feature_state], output_hidden_states, output_attentions, **kwargs
+        )
+        patch_features = features[:, 1:]
         patch_embeds = self.get_patch_embeds(patch_features)
 
         tokens, kept_indices, scores = trim_reduce(
@@ -248,7 +301,12 @@ class LlavaTrimModel(LlavaModel):
         projected = self.multi_modal_projector(torch.cat(tokens, dim=0).to(projector_dtype))
         per_image = list(projected.split([len(t) for t in tokens], dim=0))
         return TrimImageFeaturesOutput(
-            last_hidden_state=patch_features, pooler_output=per_image, kept_indices=kept_indices, scores=scores
+            last_hidden_state=patch_features,
+            pooler_output=per_image,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            kept_indices=kept_indices,
+            scores=scores,
         )
 
 

@@ -1,5 +1,6 @@
-"""What the token-reducing LLaVA models share: input checks, temporary module hooks, the outer
-class with its checkpoint saving, and the weight renames that let stock LLaVA checkpoints load.
+"""What the token-reducing LLaVA models share: the outer class with its checkpoint saving, the weight
+renames that let stock LLaVA checkpoints load, and temporary module hooks for tools (input checks and the
+vision tower run live in `vision_inputs.py`).
 
 Shipped with every checkpoint (remote code): it imports only torch, transformers and sibling modules.
 """
@@ -15,6 +16,7 @@ from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 
 from .checkpoint_code import auto_map_entry, write_checkpoint_code
 from .reduced_generation import ReducedGenerationMixin
+from .vision_inputs import as_pixel_batch, run_vision_tower, vision_tokens_of  # noqa: F401 (re-exported)
 
 
 def register_llava_weight_renames(outer_class_name: str, inner_class_name: str) -> None:
@@ -30,49 +32,13 @@ def register_llava_weight_renames(outer_class_name: str, inner_class_name: str) 
     )
 
 
-def as_pixel_batch(pixel_values, vision_config) -> torch.Tensor:
-    """Validate `pixel_values` and return them as one `[B, C, H, W]` tensor.
-
-    Accepts a `[B, C, H, W]` tensor or a list/tuple of `[C, H, W]` tensors of one size. Raises `TypeError`
-    or `ValueError` that says what was given and what is allowed, before the vision tower runs.
-    """
-    if isinstance(pixel_values, (list, tuple)):
-        if not pixel_values or not all(torch.is_tensor(image) and image.ndim == 3 for image in pixel_values):
-            raise ValueError("`pixel_values` given as a list must be a non-empty list of [channels, height, width] tensors")
-        if len({tuple(image.shape) for image in pixel_values}) != 1:
-            raise ValueError(
-                f"`pixel_values` images must all have one size, got shapes {[tuple(i.shape) for i in pixel_values]}"
-            )
-        pixel_values = torch.stack(list(pixel_values))
-    if not torch.is_tensor(pixel_values):
-        raise TypeError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}")
-    if pixel_values.ndim != 4:
-        raise ValueError(
-            f"`pixel_values` must have shape [images, channels, height, width] (4 dims), got shape {tuple(pixel_values.shape)}"
-        )
-    channels, height, width = pixel_values.shape[1:]
-    if channels != vision_config.num_channels:
-        raise ValueError(
-            f"`pixel_values` must have {vision_config.num_channels} channels (dim 1), got shape {tuple(pixel_values.shape)}"
-        )
-    patch = vision_config.patch_size
-    if height < patch or width < patch:
-        raise ValueError(f"`pixel_values` images must be at least {patch}x{patch} pixels, got {height}x{width}")
-    if not pixel_values.is_floating_point():
-        raise TypeError(f"`pixel_values` must be a floating-point tensor, got {pixel_values.dtype}")
-    return pixel_values
-
-
-def vision_tokens_of(pixel_values: torch.Tensor, vision_config) -> int:
-    """Tokens a CLIP-style tower emits for these pixels: the patch grid plus CLS."""
-    patch = vision_config.patch_size
-    return (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch) + 1
-
-
 @contextlib.contextmanager
 def capture_outputs_of(modules: dict[str, nn.Module]):
     """Record the forward output of each named module while the block runs; hooks are removed on exit,
-    also when the forward raises. Yields the dict that fills up."""
+    also when the forward raises. Yields the dict that fills up.
+
+    Not for model code: the hooks see every forward of the modules, also other threads' (the benchmark
+    uses it on a model it owns); models use `run_vision_tower`."""
     captured: dict[str, torch.Tensor] = {}
 
     def recorder(name):

@@ -14,7 +14,9 @@ preference it comes from
    `<<SYS>>`, Llama-3 headers, Gemma `<start_of_turn>`, Phi `<|user|>`); each image takes the text of the
    user turn it sits in. Text before the first marker is a system prompt and is dropped (unless the first
    marker is an assistant one, as in `"<image>\\nWhat is it? ASSISTANT:"`); a prompt without any marker is
-   all question. For other templates pass `clip_text=`.
+   all question. A role marker the user typed inside their own question ("What does ASSISTANT: mean?") is
+   text, not a turn: a template alternates roles, so of a run of same-role markers only one is real. For
+   other templates pass `clip_text=`.
 
 An image whose turn has no text gets the empty question `""` (CLIP encodes BOS, EOS), so its token count
 depends on the image alone. Every row is truncated and padded to 77 CLIP tokens.
@@ -65,15 +67,38 @@ def _clean_question(text: str, remove: list[str]) -> str:
     return " ".join(text.split())
 
 
+def _role_of(match: re.Match) -> str:
+    return _ROLE_MARKERS[int(match.lastgroup[1:])][1]
+
+
+def _genuine_markers(matches: list[re.Match]) -> list[re.Match]:
+    """Drop role markers that were typed inside a user's own text rather than written by the template.
+
+    A template alternates roles, so a run of markers of one role holds at most one real marker: in a run of user
+    markers the first opens the turn and the others sit in the user's text ("USER: Is USER: a name?"); in a run
+    of other markers the last one closes the user turn before it and the others sit in that user's text
+    ("USER: What does ASSISTANT: mean? ASSISTANT:").
+    """
+    genuine = []
+    for index, match in enumerate(matches):
+        role = _role_of(match)
+        if role == "user":
+            if index == 0 or _role_of(matches[index - 1]) != "user":
+                genuine.append(match)
+        elif index + 1 == len(matches) or _role_of(matches[index + 1]) != role:
+            genuine.append(match)
+    return genuine
+
+
 def _turns(prompt: str) -> list[tuple[str, str]]:
     """`prompt` as `(role, text)` segments in order, split at the role markers."""
-    matches = list(_ROLE_PATTERN.finditer(prompt))
+    matches = _genuine_markers(list(_ROLE_PATTERN.finditer(prompt)))
     if not matches:
         return [("user", prompt)]
-    first_role = _ROLE_MARKERS[int(matches[0].lastgroup[1:])][1]
+    first_role = _role_of(matches[0])
     turns = [("user" if first_role == "assistant" else "system", prompt[: matches[0].start()])]
     for match, following in zip(matches, [*matches[1:], None]):
-        role = _ROLE_MARKERS[int(match.lastgroup[1:])][1]
+        role = _role_of(match)
         turns.append((role, prompt[match.end() : following.start() if following else len(prompt)]))
     return turns
 

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .token_compaction import CompactionPlan, compact_rows, find_image_spans
+from .vision_inputs import as_pixel_batch
 
 
 PLAN_ATTRIBUTE = "llava_token_reduction_plan"
@@ -106,6 +107,8 @@ class ReducedGenerationMixin:
                 "of the same batch that produced the cache"
             )
         cached_images = sum(len(row) for row in cached_counts)
+        if pixel_values is not None:  # a single [C, H, W] image would count as C images below
+            pixel_values = as_pixel_batch(pixel_values, self.config.vision_config)
         given_images = 0 if pixel_values is None else len(pixel_values)
         try:
             spans = find_image_spans(
@@ -151,7 +154,9 @@ class ReducedGenerationMixin:
                 return tensor if len(new_rows) == given_images else tensor[new_rows.to(tensor.device)]
 
             selected = {name: select(value) for name, value in side_inputs.items()}
-            features = list(self.model.get_image_features(pixel_values=select(pixel_values), **selected).pooler_output)
+            features = list(self.model.get_image_features(
+                pixel_values=select(pixel_values), return_dict=True, **selected  # whatever config.return_dict says
+            ).pooler_output)
 
         new_counts = iter(len(feature) for feature in features)
         kept_tokens = [list(row_cached) + [next(new_counts) for _ in row_spans[len(row_cached):]]

@@ -270,8 +270,13 @@ def test_bf16_load_keeps_clip_modules_fp32(trim_checkpoint_dir, clip_inputs):
         pooled = inner.vision_tower(pixels(1).bfloat16()).pooler_output  # the tower's own fp32 post_layernorm path
     assert out.scores.dtype == torch.float32 and torch.isfinite(pooled).all()
     assert all(f.dtype == torch.bfloat16 and torch.isfinite(f).all() for f in out.pooler_output)
-    # A later .to(bfloat16) casts everything; scoring copes with half CLIP modules.
+    # A later .to(bfloat16) keeps them fp32 (tests/test_trim_precision.py); cast explicitly, module by module,
+    # scoring still copes with half CLIP modules.
     model.to(torch.bfloat16)
+    assert inner.visual_projection.weight.dtype == torch.float32
+    for module in (inner.clip_text_model, inner.visual_projection, inner.vision_tower.post_layernorm):
+        module.to(torch.bfloat16)
+    assert inner.visual_projection.weight.dtype == torch.bfloat16
     with torch.no_grad():
         half = inner.get_image_features(pixel_values=pixels(2).bfloat16(), clip_input_ids=ids[:2], clip_attention_mask=mask[:2])
     assert all(torch.isfinite(f).all() for f in half.pooler_output) and half.scores.dtype == torch.float32

@@ -180,3 +180,24 @@ def test_save_and_load(processor, tmp_path):
     b = loaded(images=image(), text=prompt, return_tensors="pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "clip_input_ids" in loaded.model_input_names
+
+
+@pytest.mark.parametrize("prompt,expected", [
+    ("USER: <image>\nWhat does ASSISTANT: mean in a chat log? ASSISTANT:", ["What does ASSISTANT: mean in a chat log?"]),
+    (f"{LLAVA_SYSTEM} USER: <image>\nWhat does ASSISTANT: mean in a chat log? ASSISTANT:",
+     ["What does ASSISTANT: mean in a chat log?"]),
+    ("USER: <image>\nIs USER: a role marker? ASSISTANT:", ["Is USER: a role marker?"]),
+    ("<image>\nWhat does ASSISTANT: mean? ASSISTANT:", ["What does ASSISTANT: mean?"]),
+    ("USER: <image>\nQ one ASSISTANT: A one</s>USER: <image>\nWhy write ASSISTANT: here? ASSISTANT:",
+     ["Q one", "Why write ASSISTANT: here?"]),
+    ("<|im_start|>user\n<image>\nWhat is <|im_start|>assistant in ChatML?<|im_end|>\n<|im_start|>assistant\n",
+     ["What is assistant in ChatML?"]),
+])
+def test_role_markers_typed_inside_the_question_stay_in_it(prompt, expected):
+    assert questions_from_prompt(prompt, "<image>", ("<s>", "</s>")) == expected
+
+
+def test_role_marker_in_the_question_reaches_clip_whole(processor):
+    prompt = "USER: <image>\nWhat does ASSISTANT: mean in a chat log? ASSISTANT:"
+    out = processor(images=image(), text=prompt, return_tensors="pt")
+    assert_questions(processor, out, ["What does ASSISTANT: mean in a chat log?"])

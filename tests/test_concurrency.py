@@ -1,0 +1,111 @@
+"""One model, several threads: concurrent `get_image_features` / `generate` calls on different images (and
+batch sizes) each get exactly the answer the same call gives alone.
+
+A web server's thread pool shares one model; anything a call records on shared modules (forward hooks,
+attributes) would mix the threads' tensors. References are the same calls run one after another on one worker
+thread (same thread pool machinery, so the same kernels); results are compared with `torch.equal`.
+"""
+
+import concurrent.futures
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava_token_reduction import (
+    LlavaTrimConfig,
+    LlavaTrimForConditionalGeneration,
+    LlavaVisionZipConfig,
+    LlavaVisionZipForConditionalGeneration,
+)
+from llava_token_reduction.tiny import build_processor, build_trim_processor, llava_config_kwargs, trim_config_kwargs
+
+THREADS = 8
+ROUNDS = 4
+IMAGES = 12
+BATCH_SIZES = (1, 2, 3)
+DEADLINE_S = 120  # bounded: a hang fails instead of stalling the suite
+
+
+def _pictures():
+    rng = np.random.default_rng(7)
+    return [Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")) for _ in range(IMAGES)]
+
+
+def _build(method, spread_vision_weights):
+    torch.manual_seed(0)
+    if method == "visionzip":
+        processor = build_processor()
+        config = LlavaVisionZipConfig(
+            **llava_config_kwargs(tokenizer=processor.tokenizer), dominant_tokens=10, contextual_tokens=4
+        )
+        model = LlavaVisionZipForConditionalGeneration(config)
+        spread = [model.model.vision_tower]
+    else:
+        processor = build_trim_processor()
+        model = LlavaTrimForConditionalGeneration(LlavaTrimConfig(**trim_config_kwargs(tokenizer=processor.tokenizer)))
+        spread = [model.model.vision_tower, model.model.visual_projection, model.model.clip_text_model]
+    for module in spread:
+        spread_vision_weights(module, seed=1)
+    model.generation_config.suppress_tokens = [model.config.image_token_id]
+    return model.eval(), processor
+
+
+def _jobs(processor, pictures):
+    """Calls of several batch sizes over different images: (inputs of get_image_features, inputs of generate)."""
+    questions = ["what is this", "how many cars", "", "is it red", "where is the dog", "what colour"]
+    jobs = []
+    start = 0
+    for number, size in enumerate(BATCH_SIZES * 3):
+        images = [pictures[(start + i) % IMAGES] for i in range(size)]
+        start += size
+        prompt = "USER: " + "<image>\n" * size + f"{questions[number % len(questions)]} ASSISTANT:"
+        inputs = processor(images=images, text=[prompt], return_tensors="pt")
+        feature_inputs = {k: inputs[k] for k in ("pixel_values", "clip_input_ids", "clip_attention_mask") if k in inputs}
+        jobs.append((feature_inputs, dict(inputs)))
+    return jobs
+
+
+def _features(model, inputs):
+    with torch.no_grad():
+        output = model.model.get_image_features(**inputs)
+    return [tensor.clone() for tensor in output.pooler_output]
+
+
+def _generate(model, inputs):
+    return model.generate(**inputs, max_new_tokens=3, do_sample=False)
+
+
+def _run_all(pool, call, jobs, order):
+    futures = [pool.submit(call, jobs[index]) for index in order]
+    return [future.result(timeout=DEADLINE_S) for future in futures]
+
+
+@pytest.mark.parametrize("method", ["visionzip", "trim"])
+def test_concurrent_calls_each_get_their_own_answer(method, spread_vision_weights):
+    model, processor = _build(method, spread_vision_weights)
+    jobs = _jobs(processor, _pictures())
+    began = time.monotonic()
+    calls = {
+        "get_image_features": (lambda job: _features(model, job[0]), lambda a, b: len(a) == len(b)
+                               and all(torch.equal(x, y) for x, y in zip(a, b))),
+        "generate": (lambda job: _generate(model, job[1]), torch.equal),
+    }
+    for name, (call, same) in calls.items():
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as alone:
+            expected = _run_all(alone, call, jobs, range(len(jobs)))
+        # The reference itself varies with the image: a test of mixing could not fail otherwise.
+        if name == "get_image_features":
+            assert not torch.equal(expected[0][0], expected[3][0])
+        rng = random.Random(0)
+        wrong = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=THREADS) as pool:
+            for round_ in range(ROUNDS):
+                order = [rng.randrange(len(jobs)) for _ in range(THREADS * 2)]
+                results = _run_all(pool, call, jobs, order)
+                wrong += [(round_, index) for index, result in zip(order, results) if not same(result, expected[index])]
+        assert not wrong, f"{method} {name}: {len(wrong)} concurrent results differ from the call alone: {wrong[:5]}"
+    assert time.monotonic() - began < DEADLINE_S
