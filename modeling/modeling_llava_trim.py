@@ -28,6 +28,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, L
 from ..configuration.configuration_llava_trim import LlavaTrimConfig
 from .modeling_reduced_llava import (
     ReducedLlavaForConditionalGeneration,
+    ReducedLlavaModelMixin,
     as_pixel_batch,
     capture_outputs_of,
     register_llava_weight_renames,
@@ -74,7 +75,7 @@ def _placement_device(module: nn.Module) -> torch.device | None:
     return None if device.type == "meta" else device
 
 
-class LlavaTrimModel(LlavaModel):
+class LlavaTrimModel(ReducedLlavaModelMixin, LlavaModel):
     """The inner LLaVA model (vision tower, projector, language model) plus CLIP's text tower
     (`clip_text_model`) and vision head (`visual_projection`), with TRIM in `get_image_features`.
     LLaVA's weights and module names are stock."""

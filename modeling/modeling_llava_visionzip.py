@@ -13,6 +13,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..configuration.configuration_llava_visionzip import LlavaVisionZipConfig
 from .modeling_reduced_llava import (
     ReducedLlavaForConditionalGeneration,
+    ReducedLlavaModelMixin,
     as_pixel_batch,
     capture_outputs_of,
     register_llava_weight_renames,
@@ -21,7 +22,7 @@ from .modeling_reduced_llava import (
 from .token_reduction import cls_attention_scores, visionzip_reduce
 
 
-class LlavaVisionZipModel(LlavaModel):
+class LlavaVisionZipModel(ReducedLlavaModelMixin, LlavaModel):
     """The inner LLaVA model (vision tower, projector, language model) with VisionZip in
     `get_image_features`. Weights and module names are stock LLaVA's."""
 
