@@ -19,11 +19,12 @@ inner models (`reduced_inputs.ReducedInputsMixin`).
 """
 
 import torch
+from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .reduced_inputs import ReducedInputsMixin, cached_length
+from .reduced_inputs import TEXT_ONLY_ATTRIBUTE, ReducedInputsMixin, cached_length
 from .token_compaction import CompactionPlan
 
 
@@ -48,8 +49,8 @@ class ReducedGenerationMixin(ReducedInputsMixin):
     """
 
     @classmethod
-    def _feature_model_class(cls) -> type:
-        return cls.inner_model_class
+    def _feature_model_class(cls) -> type | None:
+        return getattr(cls, "inner_model_class", None)
 
     def _feature_model(self):
         return self.model
@@ -94,6 +95,13 @@ class ReducedGenerationMixin(ReducedInputsMixin):
         if kwargs.get("mm_encoder_outputs") is not None and pixel_values is None and cached_plan is None:
             # Features encoded by the caller (or by the main model of assisted generation): the prompt already
             # has one placeholder per feature row, as stock LLaVA requires.
+            if _resolved("is_assistant", generation_config, kwargs, self.generation_config):
+                # transformers withholds multimodal inputs from an assistant's forward (its drafts are text-only,
+                # as with a stock LLaVA assistant): the cache of this call tells forward to read placeholders as
+                # text. Per call, so concurrent calls do not see each other's mark.
+                if cache is None:
+                    kwargs["cache"] = cache = DynamicCache(config=self.config.get_text_config(decoder=True))
+                setattr(cache, TEXT_ONLY_ATTRIBUTE, True)
             return super().generate(input_ids, generation_config, **side_inputs, **kwargs)
         has_placeholders = bool((input_ids == self.config.image_token_id).any())
         if pixel_values is None and cached_plan is None and not has_placeholders:

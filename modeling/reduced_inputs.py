@@ -11,7 +11,6 @@ The bookkeeping is host-side Python and numpy; under `torch.compile` it runs out
 (`torch.compiler.disable`), and nothing of it runs in a decoding step.
 """
 
-import functools
 import inspect
 
 import torch
@@ -21,6 +20,9 @@ from transformers.utils import is_torchdynamo_compiling
 from .token_compaction import CompactionPlan, assign_image_spans, compact_rows, placeholder_runs
 
 
+# Set on the cache of a call whose image placeholders are text on purpose: an assistant in assisted generation,
+# from whose forward transformers withholds the images.
+TEXT_ONLY_ATTRIBUTE = "llava_token_reduction_placeholders_are_text"
 # Parameters of `get_image_features` that are not per-image side inputs.
 _FEATURE_PARAMETERS = {"self", "pixel_values", "vision_feature_layer", "vision_feature_select_strategy"}
 
@@ -35,20 +37,10 @@ def cached_length(cache) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 
 
-@functools.lru_cache(maxsize=None)
 def _side_input_names(feature_method) -> tuple[str, ...]:
     parameters = inspect.signature(feature_method).parameters.values()
     return tuple(p.name for p in parameters if p.name not in _FEATURE_PARAMETERS
                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-
-
-class _SideInputNames:
-    """`image_side_input_names`, readable on the class and on instances: the named parameters of the feature
-    model's `get_image_features` besides the pixels (TRIM's `clip_input_ids`, `clip_attention_mask`), as
-    generate picks them out of its kwargs."""
-
-    def __get__(self, instance, owner) -> tuple[str, ...]:
-        return _side_input_names(owner._feature_model_class().get_image_features)
 
 
 class ReducedInputsMixin:
@@ -56,10 +48,20 @@ class ReducedInputsMixin:
     (itself for the inner model, `self.model` for the outer one) has `get_image_features` returning one
     `[k_i, text_hidden]` tensor per image and `image_placeholder_counts`."""
 
-    image_side_input_names = _SideInputNames()
+    # Inputs with one row per image that travel with `pixel_values` into `get_image_features` (TRIM's
+    # `clip_input_ids`, `clip_attention_mask`): set per class from the named parameters of the feature model's
+    # `get_image_features`, as generate picks them out of its kwargs. A plain tuple: `forward` reads it, also
+    # under torch.compile.
+    image_side_input_names: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        feature_class = cls._feature_model_class()
+        if "image_side_input_names" not in cls.__dict__ and hasattr(feature_class, "get_image_features"):
+            cls.image_side_input_names = _side_input_names(feature_class.get_image_features)
 
     @classmethod
-    def _feature_model_class(cls) -> type:
+    def _feature_model_class(cls) -> type | None:
         return cls
 
     def _feature_model(self):
@@ -241,9 +243,12 @@ class ReducedInputsMixin:
 
     def _refuse_placeholders_without_images(self, input_ids, cache) -> None:
         """Image placeholders are never fed to the language model as text at the start of a sequence. While
-        decoding (a filled cache) a generated placeholder id is an ordinary token, as in stock LLaVA; under
-        `torch.compile` the check is left out of the graph (it would depend on the data)."""
-        if input_ids is None or is_torchdynamo_compiling() or cached_length(cache):
+        decoding (a filled cache) a generated placeholder id is an ordinary token, as in stock LLaVA, and so are
+        the placeholders an assisted-generation assistant gets without their images; under `torch.compile` the
+        check is left out of the graph (it would depend on the data)."""
+        if input_ids is None or is_torchdynamo_compiling() or getattr(cache, TEXT_ONLY_ATTRIBUTE, False):
+            return
+        if cached_length(cache):
             return
         if bool((input_ids == self.config.image_token_id).any()):
             raise ValueError(

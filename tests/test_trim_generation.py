@@ -119,12 +119,12 @@ def test_multi_turn_keeps_each_images_question_and_reuses_the_cache(model, proce
     calls = []
     handle = model.model.vision_tower.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     try:
-        continued = model.generate(input_ids=history, **all_images, past_key_values=first.past_key_values,
+        continued = model.generate(input_ids=history, **all_images, cache=first.cache,
                                    max_new_tokens=NEW_TOKENS, do_sample=False)
     finally:
         handle.remove()
     assert calls == [1], "the cached image must not be reduced again"
-    plan = getattr(first.past_key_values, PLAN_ATTRIBUTE)
+    plan = getattr(first.cache, PLAN_ATTRIBUTE)
     assert len(plan.kept_tokens[0]) == 2
 
     # From scratch, each image with the question of its own turn.
