@@ -297,3 +297,22 @@ def test_an_edited_reply_rewinds_the_cache_to_where_the_histories_part(model, pr
                              do_sample=False)
     assert continued[0, history.shape[1]:].tolist() == scratch[0, history.shape[1]:].tolist()
     assert first.cache.get_seq_length() == cached_before - 2 + follow_up.shape[1] + 3 + NEW_TOKENS - 1
+
+
+def test_the_supported_transformers_range_is_stated_once_and_met():
+    """pyproject.toml's floor is the README's and `.ci/run` reads it from there; the installed release meets it,
+    and it has what the floor was raised for (`cache=` in LLaVA's `forward`)."""
+    import inspect
+    import pathlib
+    import re
+
+    import transformers
+    from packaging.version import Version
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    floor = re.search(r'"transformers\s*>=\s*([0-9][0-9.]*),\s*<\s*([0-9]+)"', (root / "pyproject.toml").read_text())
+    assert floor, "pyproject.toml must pin transformers as >=FLOOR,<MAJOR"
+    assert f"Supported transformers: {floor.group(1)} up to (not including) {floor.group(2)}" in (root / "README.md").read_text()
+    assert "transformers==$floor" in (root / ".ci" / "run").read_text()  # the floor run when it is not the newest
+    assert Version(floor.group(1)) <= Version(transformers.__version__) < Version(floor.group(2))
+    assert "cache" in inspect.signature(LlavaForConditionalGeneration.forward).parameters
