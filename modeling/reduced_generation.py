@@ -80,8 +80,8 @@ class ReducedGenerationMixin(ReducedInputsMixin):
         every image in it (or only for the new ones) and the previous `cache` (`out.cache`; the deprecated
         alias `past_key_values=` works while transformers accepts it); cached images keep their reduced
         tokens and are not recomputed. `cache.get_seq_length()` counts compact positions, and the plan lives
-        on that cache object only. A history that leaves the cached one after its last image (an edited or
-        rejected continuation, as assisted generation makes) rewinds the cache to where they part.
+        on that cache object only. A history that leaves the cached one after its last image (an edited
+        reply) rewinds the cache to where they part.
         """
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         pixel_values = kwargs.pop("pixel_values", None)
@@ -168,8 +168,7 @@ class ReducedGenerationMixin(ReducedInputsMixin):
     @staticmethod
     def _align_cache_with_history(compact_ids: torch.Tensor, cached_plan: CompactionPlan, cache) -> None:
         """Check that the compact history repeats what the cache holds; where it leaves the cached tokens
-        after the last cached image (assisted generation's rejected candidates, an edited reply), crop the
-        cache back to the common prefix."""
+        after the last cached image (an edited reply), crop the cache back to the common prefix."""
         length = cached_length(cache)
         cached_ids = cached_plan.compact_ids[:, :length].to(compact_ids.device)
         common = min(length, compact_ids.shape[1] - 1, cached_ids.shape[1])
