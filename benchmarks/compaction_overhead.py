@@ -22,7 +22,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from llava_token_reduction import LlavaVisionZipConfig, LlavaVisionZipForConditionalGeneration
-from llava_token_reduction.modeling.token_compaction import compact_rows, find_image_spans
+from llava_token_reduction.modeling.token_compaction import assign_image_spans, compact_rows, placeholder_runs
 from llava_token_reduction.tiny import DEMO_SHAPE, TEST_SHAPE, build_processor, llava_config_kwargs
 
 
@@ -64,10 +64,11 @@ def main(argv=None) -> None:
     with torch.no_grad():
         features = list(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
         kept = [[len(f)] for f in features]
-        image_id, sizes = model.config.image_token_id, model._placeholder_sizes()
+        image_id = model.config.image_token_id
+        counts = model.model.image_placeholder_counts(inputs["pixel_values"])
 
         def bookkeeping():
-            spans = find_image_spans(ids, image_id, sizes, allowed_totals={len(features)})
+            spans = assign_image_spans(placeholder_runs(ids, image_id), [[] for _ in range(len(ids))], counts)
             return compact_rows({"input_ids": ids, "attention_mask": mask}, spans, kept,
                                 {"input_ids": 0, "attention_mask": 0})
 

@@ -27,7 +27,11 @@ from transformers.utils.generic import can_return_tuple
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, LlavaPreTrainedModel
 
 from ..configuration.configuration_llava_trim import LlavaTrimConfig
-from .modeling_reduced_llava import ReducedLlavaForConditionalGeneration, register_llava_weight_renames
+from .modeling_reduced_llava import (
+    ReducedLlavaForConditionalGeneration,
+    ReducedLlavaModelMixin,
+    register_llava_weight_renames,
+)
 from .token_reduction import trim_reduce
 from .vision_inputs import as_pixel_batch, run_vision_tower, vision_tokens_of
 
@@ -68,7 +72,7 @@ def _placement_device(module: nn.Module) -> torch.device | None:
     return None if device.type == "meta" else device
 
 
-class LlavaTrimModel(LlavaModel):
+class LlavaTrimModel(ReducedLlavaModelMixin, LlavaModel):
     """The inner LLaVA model (vision tower, projector, language model) plus CLIP's text tower
     (`clip_text_model`) and vision head (`visual_projection`), with TRIM in `get_image_features`.
     LLaVA's weights and module names are stock."""

@@ -13,12 +13,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils.generic import can_return_tuple
 
 from ..configuration.configuration_llava_visionzip import LlavaVisionZipConfig
-from .modeling_reduced_llava import ReducedLlavaForConditionalGeneration, register_llava_weight_renames
+from .modeling_reduced_llava import (
+    ReducedLlavaForConditionalGeneration,
+    ReducedLlavaModelMixin,
+    register_llava_weight_renames,
+)
 from .token_reduction import cls_attention_scores, visionzip_reduce
 from .vision_inputs import as_pixel_batch, run_vision_tower, vision_tokens_of
 
 
-class LlavaVisionZipModel(LlavaModel):
+class LlavaVisionZipModel(ReducedLlavaModelMixin, LlavaModel):
     """The inner LLaVA model (vision tower, projector, language model) with VisionZip in
     `get_image_features`. Weights and module names are stock LLaVA's."""
 

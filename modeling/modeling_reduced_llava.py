@@ -1,6 +1,7 @@
-"""What the token-reducing LLaVA models share: the outer class with its checkpoint saving, the weight
-renames that let stock LLaVA checkpoints load, and temporary module hooks for tools (input checks and the
-vision tower run live in `vision_inputs.py`).
+"""What the token-reducing LLaVA models share: the inner models' mixin (placeholder counts,
+compacting `forward`), the outer class with its checkpoint saving, the weight renames that let stock LLaVA
+checkpoints load, and temporary module hooks for tools (input checks and the vision tower run live in
+`vision_inputs.py`).
 
 Shipped with every checkpoint (remote code): it imports only torch, transformers and sibling modules.
 """
@@ -13,10 +14,12 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .checkpoint_code import auto_map_entry, write_checkpoint_code
 from .reduced_generation import ReducedGenerationMixin
 from .vision_inputs import as_pixel_batch, run_vision_tower, vision_tokens_of  # noqa: F401 (re-exported)
+from .reduced_inputs import ReducedInputsMixin
 
 
 def register_llava_weight_renames(outer_class_name: str, inner_class_name: str) -> None:
@@ -53,6 +56,57 @@ def capture_outputs_of(modules: dict[str, nn.Module]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+class ReducedLlavaModelMixin(ReducedInputsMixin):
+    """Base of the inner models (`LlavaVisionZipModel`, `LlavaTrimModel`, before `LlavaModel`): they accept
+    stock-processor prompts as stock `LlavaModel` does, compacting them around the reduced images (hidden
+    states over the compact sequence), and say how many placeholders the processor gives each image."""
+
+    def image_placeholder_counts(self, pixel_values, **side_inputs) -> list[int]:
+        """Per image, the placeholders the stock LLaVA processor emits for it: the patch grid of its pixels
+        plus the tower's extra (CLS) token, minus one for strategy `"default"` (`LlavaProcessor`'s
+        `num_additional_image_tokens` is the tower's CLS). A family whose count depends on more than the
+        pixels (LLaVA-NeXT's `image_sizes`) overrides this; the side inputs arrive as keyword arguments."""
+        pixel_values = as_pixel_batch(pixel_values, self.config.vision_config)
+        count = vision_tokens_of(pixel_values, self.config.vision_config)
+        if self.config.vision_feature_select_strategy == "default":
+            count -= 1
+        return [count] * pixel_values.shape[0]
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        image_sizes=None,
+        mm_encoder_outputs=None,
+        **kwargs,
+    ):
+        """Stock `LlavaModel.forward`, plus: given `pixel_values` and a prompt with full placeholder runs,
+        the images are reduced and `input_ids`/`attention_mask` compacted, with contiguous positions; the
+        returned hidden states are `[B, C, hidden]` over the compact sequence."""
+        side_inputs = self._pop_side_inputs(kwargs)
+        if pixel_values is not None and mm_encoder_outputs is None:
+            compacted = self._compact_forward_inputs(
+                input_ids, pixel_values, attention_mask, position_ids, cache, side_inputs
+            )
+            input_ids, attention_mask = compacted["input_ids"], compacted["attention_mask"]
+            position_ids, mm_encoder_outputs = compacted["position_ids"], compacted["mm_encoder_outputs"]
+        elif mm_encoder_outputs is None:
+            self._refuse_placeholders_without_images(input_ids, cache)
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
+            mm_encoder_outputs=mm_encoder_outputs, **kwargs,
+        )
 
 
 class ReducedLlavaForConditionalGeneration(ReducedGenerationMixin, LlavaForConditionalGeneration):

@@ -31,20 +31,31 @@ class CompactionPlan:
 
     Attributes:
         kept_tokens: per row, the token count kept for each image, in placeholder order.
+        placeholder_counts: per row, each image's placeholder count in the prompt as given (what the
+            processor emitted for it), so that a continuation sending only the new images still finds the
+            cached images' runs.
         extra_padding: per row, the left padding compaction added to align rows.
+        images_end: the compact column just past the last image token of any row; a continuation may rewind
+            the cache to no earlier than this.
         compact_ids: `[B, C']` the compact token ids the cache was built from (prompt and generated tokens),
             used to check that a continuation repeats the cached history.
     """
 
     kept_tokens: list[list[int]]
     extra_padding: list[int]
+    placeholder_counts: list[list[int]] | None = None
+    images_end: int = 0
     compact_ids: torch.Tensor | None = field(default=None, repr=False)
 
     def repeat_rows(self, times: int) -> "CompactionPlan":
         """The plan of a batch whose rows were each repeated `times` times (beams, return sequences)."""
         return CompactionPlan(
             kept_tokens=[list(counts) for counts in self.kept_tokens for _ in range(times)],
+            placeholder_counts=None if self.placeholder_counts is None else [
+                list(counts) for counts in self.placeholder_counts for _ in range(times)
+            ],
             extra_padding=[pad for pad in self.extra_padding for _ in range(times)],
+            images_end=self.images_end,
             compact_ids=None if self.compact_ids is None else self.compact_ids.repeat_interleave(times, dim=0),
         )
 
@@ -61,49 +72,37 @@ def placeholder_runs(input_ids: torch.Tensor, image_token_id: int) -> list[list[
     return runs
 
 
-def split_runs(runs: list[ImageSpan], tokens_per_image: int) -> list[ImageSpan] | None:
-    """Cut runs of glued placeholders (`<image><image>`) into per-image spans of `tokens_per_image`;
-    None if some run is not a whole number of images at that size."""
-    spans = []
-    for run in runs:
-        if run.length % tokens_per_image:
-            return None
-        spans.extend(ImageSpan(run.start + i * tokens_per_image, tokens_per_image) for i in range(run.length // tokens_per_image))
-    return spans
+def assign_image_spans(
+    runs: list[list[ImageSpan]],
+    leading_counts: list[list[int]],
+    queued_counts: list[int],
+) -> list[list[ImageSpan]] | None:
+    """Cut each row's placeholder runs into one span per image, image by image with that image's count.
 
-
-def find_image_spans(
-    input_ids: torch.Tensor,
-    image_token_id: int,
-    candidate_sizes: list[int],
-    allowed_totals: set[int] | None = None,
-) -> list[list[ImageSpan]]:
-    """Per row, the placeholder span of every image, in order.
-
-    Args:
-        input_ids: `[B, L]`.
-        candidate_sizes: placeholder counts one image may have, tried in order (the processor's full
-            count first; a model with a fixed reduced count also accepts prompts already expanded to it).
-        allowed_totals: when known, the image totals the prompt may hold; they decide between sizes that
-            both divide the runs (e.g. 576 full placeholders vs 9 images of 64).
-
-    Raises:
-        ValueError: placeholders that are no whole number of images at any candidate size.
+    Row `r` first takes the counts in `leading_counts[r]` (images it already holds, e.g. cached ones), then
+    counts from the front of `queued_counts` (the images of the whole batch in placeholder order); a run of
+    glued placeholders (`<image><image>`) takes as many images as it holds. None if the runs and the counts do
+    not tile exactly (a run that ends inside an image, placeholders left without an image, or images left
+    without placeholders).
     """
-    runs = placeholder_runs(input_ids, image_token_id)
-    counts = [sum(run.length for run in row) for row in runs]
-    for size in dict.fromkeys(candidate_sizes):
-        spans = [split_runs(row, size) for row in runs]
-        if any(row is None for row in spans):
-            continue
-        if allowed_totals is None or sum(len(row) for row in spans) in allowed_totals:
-            return spans
-    expectation = "" if allowed_totals is None else f" for {' or '.join(map(str, sorted(allowed_totals)))} image(s)"
-    raise ValueError(
-        f"The image placeholders in `input_ids` (token id {image_token_id}, counts per row {counts}) do not match"
-        f"{expectation}: each image needs one run of {' or '.join(map(str, dict.fromkeys(candidate_sizes)))} "
-        "placeholders, as the LLaVA processor expands `<image>`."
-    )
+    queue = list(reversed(queued_counts))
+    spans: list[list[ImageSpan]] = []
+    for row_runs, leading in zip(runs, leading_counts):
+        leading = list(reversed(leading))
+        row_spans = []
+        for run in row_runs:
+            start, end = run.start, run.start + run.length
+            while start < end:
+                source = leading if leading else queue
+                if not source or source[-1] <= 0 or start + source[-1] > end:
+                    return None
+                count = source.pop()
+                row_spans.append(ImageSpan(start, count))
+                start += count
+        if leading:
+            return None
+        spans.append(row_spans)
+    return None if queue else spans
 
 
 def compact_rows(
@@ -116,7 +115,7 @@ def compact_rows(
 
     Args:
         tensors: `[B, L]` tensors to compact alike (`input_ids`, `attention_mask`, `labels`, ...).
-        spans: per row, each image's placeholder span (`find_image_spans`).
+        spans: per row, each image's placeholder span (`assign_image_spans`).
         kept_tokens: per row, each image's kept count `k_i <= span.length`.
         fill_values: what the added left padding holds in each tensor (pad id, 0, -100, ...).
 

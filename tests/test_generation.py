@@ -182,7 +182,7 @@ def test_multi_turn_with_cache_equals_from_scratch(model, processor):
     turn_one = "USER: <image>\nWhat is it? ASSISTANT:"
     inputs = processor(images=first_images, text=[turn_one], return_tensors="pt")
     first = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
-    cache = first.past_key_values
+    cache = first.cache
     plan = getattr(cache, PLAN_ATTRIBUTE)
     assert len(plan.kept_tokens[0]) == 1
 
@@ -196,7 +196,7 @@ def test_multi_turn_with_cache_equals_from_scratch(model, processor):
     calls = []
     handle = model.model.vision_tower.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     try:
-        continued = model.generate(input_ids=history, pixel_values=all_pixels, past_key_values=cache,
+        continued = model.generate(input_ids=history, pixel_values=all_pixels, cache=cache,
                                    max_new_tokens=NEW_TOKENS, do_sample=False)
     finally:
         handle.remove()
@@ -208,17 +208,17 @@ def test_multi_turn_with_cache_equals_from_scratch(model, processor):
     assert continued[0, history.shape[1]:].tolist() == scratch[0, history.shape[1]:].tolist()
 
     with pytest.raises(ValueError, match="history"):
-        model.generate(input_ids=history[:, 1:], pixel_values=all_pixels, past_key_values=cache, max_new_tokens=2)
+        model.generate(input_ids=history[:, 1:], pixel_values=all_pixels, cache=cache, max_new_tokens=2)
 
 
 def test_multi_turn_with_user_cache_object(model, processor):
     inputs = processor(images=images(1), text=[PROMPTS[0]], return_tensors="pt")
     cache = DynamicCache()
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    out = model.generate(**inputs, cache=cache, max_new_tokens=3, do_sample=False)
     assert getattr(cache, PLAN_ATTRIBUTE).compact_ids.shape[1] < out.shape[1]
     follow_up = processor.tokenizer(" USER: more? ASSISTANT:", add_special_tokens=False, return_tensors="pt").input_ids
     history = torch.cat([out, follow_up], dim=1)
-    continued = model.generate(input_ids=history, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    continued = model.generate(input_ids=history, cache=cache, max_new_tokens=3, do_sample=False)
     scratch = model.generate(input_ids=history, pixel_values=inputs["pixel_values"], max_new_tokens=3, do_sample=False)
     assert continued[0, history.shape[1]:].tolist() == scratch[0, history.shape[1]:].tolist()
 

@@ -119,12 +119,12 @@ def test_multi_turn_keeps_each_images_question_and_reuses_the_cache(model, proce
     calls = []
     handle = model.model.vision_tower.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     try:
-        continued = model.generate(input_ids=history, **all_images, past_key_values=first.past_key_values,
+        continued = model.generate(input_ids=history, **all_images, cache=first.cache,
                                    max_new_tokens=NEW_TOKENS, do_sample=False)
     finally:
         handle.remove()
     assert calls == [1], "the cached image must not be reduced again"
-    plan = getattr(first.past_key_values, PLAN_ATTRIBUTE)
+    plan = getattr(first.cache, PLAN_ATTRIBUTE)
     assert len(plan.kept_tokens[0]) == 2
 
     # From scratch, each image with the question of its own turn.
@@ -162,3 +162,33 @@ def test_missing_clip_inputs_raise_before_compute(model, processor):
     inputs = processor(images=[picture(1)], text=[PROMPTS[0]], return_tensors="pt")
     with pytest.raises(ValueError, match="clip_input_ids"):
         model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=2)
+
+
+def test_inner_model_compacts_stock_prompts_like_stock_llava_model(model, processor):
+    """`AutoModel` loads `LlavaTrimModel`: it takes the processor's prompt (and CLIP rows) and returns hidden
+    states over the compact sequence, as stock `LlavaModel` does over the k_i-placeholder prompt."""
+    from transformers import LlavaModel
+
+    stock = LlavaModel(LlavaConfig(**llava_config_kwargs(tokenizer=build_llm_tokenizer()))).eval()
+    stock.load_state_dict({k: v for k, v in model.model.state_dict().items()
+                           if not k.startswith(("clip_text_model", "visual_projection"))})
+    prompt, images = PROMPTS[2], [picture(3), picture(4)]
+    inputs = processor(images=images, text=[prompt], return_tensors="pt")
+    ours = model.model(**inputs).last_hidden_state
+    features = model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], clip_input_ids=inputs["clip_input_ids"],
+        clip_attention_mask=inputs["clip_attention_mask"]).pooler_output
+    pieces = prompt.split("<image>")
+    text = pieces[0] + "".join("<image>" * len(f) + piece for f, piece in zip(features, pieces[1:]))
+    ids = processor.tokenizer(text, return_tensors="pt").input_ids
+    expected = stock(input_ids=ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))})
+    torch.testing.assert_close(ours, expected.last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_of_the_model_equals_eager(model, processor):
+    inputs = processor(images=[picture(5)], text=[PROMPTS[0]], return_tensors="pt")
+    expected = model(**inputs).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    torch.testing.assert_close(compiled(**inputs).logits, expected)
+    torch._dynamo.reset()

@@ -117,7 +117,7 @@ def measure_generate(model, inputs: dict, new_tokens: int, with_memory: bool = F
 
     def remember_cache(module, args, kwargs, output):
         if "bytes" not in kv_bytes:
-            kv_bytes["bytes"] = kv_cache_bytes(getattr(output, "past_key_values", None))
+            kv_bytes["bytes"] = kv_cache_bytes(getattr(output, "cache", None))
             embeds = kwargs.get("inputs_embeds")
             kv_bytes["tokens"] = int(embeds.shape[1]) if embeds is not None else int(kwargs["input_ids"].shape[1])
 
