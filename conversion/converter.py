@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConversionError
+from .foreign_code import foreign_code_references, strip_foreign_code
 from .key_mapping import (
     CLIP_TEXT_PREFIX,
     CLIP_UNUSED_KEYS,
@@ -468,7 +469,7 @@ class _Conversion:
 
         if self.format == "stock":
             try:
-                stock = AutoProcessor.from_pretrained(self.src_dir)
+                stock = AutoProcessor.from_pretrained(self.src_dir, trust_remote_code=False)
             except Exception as error:  # noqa: BLE001
                 raise ConversionError(f"SRC {self.src_dir} has no usable processor/tokenizer files: {error}")
             if not isinstance(stock, LlavaProcessor):
@@ -478,7 +479,7 @@ class _Conversion:
                             num_additional_image_tokens=stock.num_additional_image_tokens, chat_template=stock.chat_template)
         else:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(self.src_dir)
+                tokenizer = AutoTokenizer.from_pretrained(self.src_dir, trust_remote_code=False)
             except Exception as error:  # noqa: BLE001
                 raise ConversionError(f"SRC {self.src_dir} has no usable tokenizer files: {error}")
             if (self.clip_dir / "preprocessor_config.json").is_file():
@@ -503,7 +504,7 @@ class _Conversion:
             from ..modeling import LlavaTrimProcessor
 
             try:
-                clip_tokenizer = AutoTokenizer.from_pretrained(self.clip_dir)
+                clip_tokenizer = AutoTokenizer.from_pretrained(self.clip_dir, trust_remote_code=False)
             except Exception as error:  # noqa: BLE001
                 raise ConversionError(f"CLIP checkpoint {self.clip_reference!r} has no usable tokenizer files: {error}")
             processor = LlavaTrimProcessor(image_processor=image_processor, tokenizer=tokenizer,
@@ -596,6 +597,10 @@ class _Conversion:
         _write_model(model, directory, self.request.max_shard_size)
         del model
         _write_processor(processor, directory)
+        stripped = strip_foreign_code(directory)
+        if stripped:
+            self.notes.append(f"dropped the inputs' auto_map code references from {', '.join(stripped)} (never run, "
+                              "never shipped: the output carries only this package's code)")
         _write_model_card(directory, self.render_card(config))
 
     def render_card(self, config) -> str:
@@ -634,6 +639,13 @@ class _Conversion:
         from safetensors import safe_open
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        # Before anything is loaded with remote code allowed: the only code it may name is ours.
+        foreign = foreign_code_references(directory)
+        if foreign:
+            raise ConversionError(
+                f"verification failed: the output's auto_map names code that is not this package's, or whose file is "
+                f"missing: {_name_list(foreign)}"
+            )
         try:
             model, info = AutoModelForImageTextToText.from_pretrained(
                 directory, trust_remote_code=True, dtype=self.out_dtype, output_loading_info=True
@@ -663,13 +675,6 @@ class _Conversion:
                     dtype = handle.get_slice(key).get_dtype()
                     if dtype in ("F16", "BF16", "F32", "F64") and dtype != _SAFETENSORS_NAME[self.out_dtype]:
                         raise ConversionError(f"verification failed: {file.name}:{key} is stored as {dtype}")
-        for name in ("config.json", "processor_config.json"):
-            path = directory / name
-            auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map", {}) if path.is_file() else {}
-            for reference in auto_map.values():
-                module = (reference[0] if isinstance(reference, (list, tuple)) else reference).split(".")[0]
-                if not (directory / f"{module}.py").is_file():
-                    raise ConversionError(f"verification failed: {name} auto_map names {reference} but {module}.py is missing")
         try:
             processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
         except Exception as error:  # noqa: BLE001
