@@ -102,11 +102,16 @@ def request_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Convert; print the summary on stdout, or one line on stderr and return 1."""
+    from .output_place import ConversionInterrupted
+
     try:
         from .converter import convert
 
         result = convert(request_from_args(args))
-    except KeyboardInterrupt:
+    except ConversionInterrupted as interrupted:  # OUT was being written: the message says what is true
+        print(f"{PROG}: {interrupted}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before anything was written
         print(f"{PROG}: interrupted; nothing was written to {args.out}", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - every failure is reported as one line

@@ -16,9 +16,7 @@ an input tensor with no place in the model.
 import json
 import math
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConversionError
 from .foreign_code import foreign_code_references, strip_foreign_code
+from .output_place import ConversionInterrupted, OutputPlacement, check_output, resolve_output
 from .key_mapping import (
     CLIP_TEXT_PREFIX,
     CLIP_UNUSED_KEYS,
@@ -155,7 +154,7 @@ class _Conversion:
             raise ConversionError(f"--pad-vocab-multiple must be >= 1, got {request.pad_vocab_multiple}")
         self.request = request
         self.method = request.method
-        self.out = Path(os.path.expanduser(request.out)).resolve()
+        self.out = resolve_output(request.out)
         self.plan: dict[str, _Entry] = {}
         self.unmapped: list[str] = []
         self.dropped_buffers: list[str] = []
@@ -168,10 +167,7 @@ class _Conversion:
     # Output location -------------------------------------------------------------------------------
 
     def check_output(self) -> None:
-        if self.out.exists() and not self.request.overwrite:
-            raise ConversionError(f"output {self.out} already exists; pass --overwrite to replace it")
-        if self.out.exists() and not self.out.is_dir():
-            raise ConversionError(f"output {self.out} exists and is not a directory; refusing to replace it")
+        check_output(self.out, self.request.overwrite)
 
     # Inputs ----------------------------------------------------------------------------------------
 
@@ -701,9 +697,8 @@ class _Conversion:
         from ..modeling import LlavaTrimForConditionalGeneration, LlavaVisionZipForConditionalGeneration
 
         model_class = LlavaVisionZipForConditionalGeneration if self.method == "visionzip" else LlavaTrimForConditionalGeneration
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(str(self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"))
-        staging.mkdir()
+        placement = OutputPlacement(self.out, self.request.overwrite)
+        staging = placement.create()
         try:
             (staging / INCOMPLETE_MARKER).write_text(
                 "This directory is an unfinished conversion; it is not a checkpoint. It can be deleted.\n"
@@ -712,10 +707,13 @@ class _Conversion:
             self.verify(staging, config)
             (staging / INCOMPLETE_MARKER).unlink()
             result = self.result(staging)
-            _move_into_place(staging, self.out, self.request.overwrite)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            placement.move_into_place()
+        except KeyboardInterrupt:
+            placement.clean_up()
+            raise ConversionInterrupted(placement.interrupted_message()) from None
+        except BaseException:
+            placement.clean_up()
+            raise
         result.out = self.out
         if self.request.push_to_hub:
             try:
@@ -777,18 +775,6 @@ def _write_model_card(directory: Path, text: str) -> None:
     (directory / "README.md").write_text(text, encoding="utf-8")
 
 
-def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise ConversionError(f"output {out} appeared during the conversion; pass --overwrite to replace it")
-        retired = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-        os.rename(out, retired)
-        os.rename(staging, out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.rename(staging, out)
-
-
 def push_to_hub(directory: Path, repo_id: str, *, private: bool = False) -> None:
     """Upload a verified output directory to the hub (creating the model repository if needed)."""
     from huggingface_hub import HfApi
@@ -829,5 +815,5 @@ def convert_trim(src: str, out: str, **options) -> ConversionResult:
 
 __all__ = [
     "ConversionRequest", "ConversionResult", "convert", "convert_visionzip", "convert_trim", "push_to_hub",
-    "DEFAULT_CLIP", "DTYPES", "INCOMPLETE_MARKER",
+    "DEFAULT_CLIP", "DTYPES", "INCOMPLETE_MARKER", "ConversionInterrupted",
 ]
