@@ -705,7 +705,7 @@ class _Conversion:
             )
         for key in tqdm(self.expected, desc="Verifying tensors", disable=not self.request.progress):
             wanted = self.expected_tensor(key)
-            if not torch.equal(loaded[key].to(wanted.dtype), wanted):
+            if not _same_values(loaded[key].to(wanted.dtype), wanted):
                 raise ConversionError(f"verification failed: {key} differs from {self.plan[key].origin} {self.plan[key].key}")
         del model, loaded
         for file in directory.glob("*.safetensors"):
@@ -832,6 +832,16 @@ def parse_reduce_func(value) -> tuple[bool, float]:
     if ratio is None or not (ratio == -1.0 or 0.0 < ratio <= 1.0):
         raise ConversionError(f"SRC's mm_vision_token_reduce_func {value!r} has an invalid k; expected {allowed}")
     return means[method], ratio
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal tensors, with NaN equal to NaN in the same places (a NaN copied faithfully is not a difference)."""
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point():
+        return False
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
 
 
 def _importable(module: str) -> bool:
