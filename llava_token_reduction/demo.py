@@ -438,28 +438,14 @@ def _load_as_visionzip(source: str, model_type: str, overrides: dict, device: st
 
     from . import LlavaVisionZipForConditionalGeneration
 
-    # Loading a `llava` checkpoint into the VisionZip class is intended, so transformers' warning about the
-    # differing model type is silenced; weights that fail to load are still caught by the loading-info check.
-    quiet = _transformers_errors_only() if model_type == "llava" else contextlib.nullcontext()
-    with quiet:
-        model, info = LlavaVisionZipForConditionalGeneration.from_pretrained(
-            source, dtype=torch_dtype, device_map=device, output_loading_info=True, **overrides
-        )
+    # The class loads a stock `llava` checkpoint without transformers' model-type warning (the documented use);
+    # weights that fail to load are still caught by the loading-info check.
+    model, info = LlavaVisionZipForConditionalGeneration.from_pretrained(
+        source, dtype=torch_dtype, device_map=device, output_loading_info=True, **overrides
+    )
     _check_loading_info(source, info)
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     return model, processor
-
-
-@contextlib.contextmanager
-def _transformers_errors_only():
-    from transformers.utils import logging
-
-    previous = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(previous)
 
 
 def _check_loading_info(source, info: dict) -> None:
