@@ -55,6 +55,22 @@ def refuse_unfit_checkpoint(cls, source, config_dict: dict) -> None:
                      f"{' or '.join(repr(t) for t in accepted)} checkpoints")
 
 
+def refuse_language_tokenizer_as_clip(tokenizer, clip_tokenizer) -> None:
+    """Raise `ValueError` when TRIM's CLIP tokenizer is the language model's tokenizer.
+
+    That is what loading gives when a TRIM checkpoint lost its `clip_tokenizer/` subfolder (top-level files
+    copied, a mirror without subfolders): transformers falls back to the root tokenizer with only a log line,
+    and TRIM would then score patches against token ids from the wrong vocabulary."""
+    if tokenizer is None or clip_tokenizer is None:
+        return
+    if clip_tokenizer is tokenizer or clip_tokenizer.get_vocab() == tokenizer.get_vocab():
+        raise ValueError(
+            "TRIM's CLIP tokenizer is the language model's tokenizer: the checkpoint's `clip_tokenizer/` subfolder "
+            "is missing (copy it along with the top-level files, or re-run `convert trim`); the CLIP text tower "
+            "cannot read the language model's token ids"
+        )
+
+
 class _DropTypeMismatchWarning(logging.Filter):
     def __init__(self, source_type: str, target_type: str):
         super().__init__()
@@ -79,4 +95,7 @@ def accepted_type_mismatch(source_type: str | None, target_type: str):
         logger.removeFilter(dropper)
 
 
-__all__ = ["ACCEPTED_SOURCE_TYPES", "checkpoint_config_dict", "refuse_unfit_checkpoint", "accepted_type_mismatch"]
+__all__ = [
+    "ACCEPTED_SOURCE_TYPES", "checkpoint_config_dict", "refuse_unfit_checkpoint", "accepted_type_mismatch",
+    "refuse_language_tokenizer_as_clip",
+]

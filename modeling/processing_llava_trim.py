@@ -27,6 +27,8 @@ from transformers import LlavaProcessor
 from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessorMixin
 
+from .checkpoint_source import refuse_language_tokenizer_as_clip
+
 
 CLIP_MAX_LENGTH = 77
 
@@ -154,6 +156,7 @@ class LlavaTrimProcessor(LlavaProcessor):
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.image_token = tokenizer.image_token if hasattr(tokenizer, "image_token") else image_token
         self.image_token_id = tokenizer.encode(self.image_token, add_special_tokens=False)[0]
+        refuse_language_tokenizer_as_clip(tokenizer, clip_tokenizer)
         ProcessorMixin.__init__(self, image_processor, tokenizer, clip_tokenizer, chat_template=chat_template)
 
     @property

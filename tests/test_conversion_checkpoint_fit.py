@@ -82,3 +82,28 @@ def test_stock_load_as_visionzip_is_quiet(stock_llava_dir):
     finally:
         logger.removeHandler(handler)
     assert any("to instantiate a model of type" in r for r in records)
+
+
+@pytest.mark.parametrize("remote_code", [False, True])
+def test_trim_checkpoint_without_its_clip_tokenizer_folder_is_refused(stock_llava_dir, stock_llava_model, tmp_path,
+                                                                      remote_code):
+    """Copying a TRIM checkpoint's top-level files only (or a mirror without subfolders) loses
+    `clip_tokenizer/`; transformers would then hand TRIM the language model's tokenizer."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from llava_token_reduction.conversion import convert_trim
+
+    from conversion_inputs import save_clip, vision_state_of
+
+    save_clip(tmp_path / "clip", vision_state_of(stock_llava_model))
+    convert_trim(stock_llava_dir, tmp_path / "trim", clip=str(tmp_path / "clip"), progress=False)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in (tmp_path / "trim").iterdir():
+        if path.is_file():
+            shutil.copy(path, flat / path.name)
+    AutoProcessor.from_pretrained(tmp_path / "trim", trust_remote_code=remote_code)  # complete: loads
+    with pytest.raises(ValueError, match="clip_tokenizer/"):
+        AutoProcessor.from_pretrained(flat, trust_remote_code=remote_code)
