@@ -782,7 +782,7 @@ class _Conversion:
         if self.method == "trim" and not self._src_trained_for_trim():
             self.notes.append(
                 "TRIM on stock LLaVA weights is training-free; the authors' checkpoints were fine-tuned with TRIM active, "
-                "and training-free TRIM was reported to give poor output (ALGORITHMS.md §2.8)"
+                "and training-free TRIM was reported to give poor output (docs/trim.md §8)"
             )
         return ConversionResult(
             out=directory, method=self.method, parameters=sum(math.prod(s) for s in self.expected.values()),
