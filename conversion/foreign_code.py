@@ -46,16 +46,21 @@ def _walk_auto_maps(node, visit) -> None:
             _walk_auto_maps(value, visit)
 
 
+def _json_files(directory):
+    """(path, parsed content) of every readable JSON file under `directory`, subfolders included."""
+    for path in sorted(Path(directory).rglob("*.json")):
+        try:
+            yield path, json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+
+
 def foreign_code_references(directory, own: set[str] | None = None) -> list[str]:
     """`file: reference` for every `auto_map` entry under `directory` (all JSON files, subfolders included) that
     does not name one of our modules written next to that file."""
     own = own_code_modules() if own is None else own
     found = []
-    for path in sorted(Path(directory).rglob("*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+    for path, data in _json_files(directory):
 
         def visit(mapping, path=path):
             auto_map = mapping["auto_map"]
@@ -75,11 +80,7 @@ def strip_foreign_code(directory, own: set[str] | None = None) -> list[str]:
     (and `auto_map` dicts left empty). Returns the files changed, relative to `directory`."""
     own = own_code_modules() if own is None else own
     changed = []
-    for path in sorted(Path(directory).rglob("*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+    for path, data in _json_files(directory):
         edits = []
 
         def visit(mapping, path=path, edits=edits):
