@@ -49,7 +49,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="store every floating tensor in "
                                                                                     "this dtype (default: SRC's)")
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB", help=_SHARD_SIZE_HELP)
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it is a checkpoint this tool wrote "
+                        "(never a symlink, the working or home directory, or any other directory)")
     parser.add_argument("--force", action="store_true", help="convert although the CLIP checkpoint's vision weights "
                                                              "differ from SRC's vision tower")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload OUT to this hub repository after verification")

@@ -176,3 +176,13 @@ def test_vision_tower_names_fall_back_to_openai_clip(offline_hub, tmp_path, towe
     model, _ = save_original(directory, vision_tower=tower)
     result = convert_visionzip(directory, tmp_path / "out", progress=False)
     assert any(tower in note and OPENAI_CLIP in note for note in result.notes), result.notes
+
+
+def test_readme_trim_command_with_clip_as_written(offline_hub, tmp_path, capsys):
+    """README: `convert trim FreedomIntelligence/llava-v1.5-7b-TRIM llava-v1.5-7b-trim-hf --clip
+    openai/clip-vit-large-patch14-336`, both ids from the (offline) hub cache."""
+    out = tmp_path / "llava-v1.5-7b-trim-hf"
+    status, stdout, stderr = _cli(capsys, "convert", "trim", TRIM, out, "--clip", OPENAI_CLIP, "--no-progress")
+    assert status == 0, stderr
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "LlavaTrimForConditionalGeneration" and model.dtype == torch.bfloat16
