@@ -49,7 +49,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="store every floating tensor in "
                                                                                     "this dtype (default: SRC's)")
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB", help=_SHARD_SIZE_HELP)
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it is a checkpoint this tool wrote "
+                        "(never a symlink, the working or home directory, or any other directory)")
     parser.add_argument("--force", action="store_true", help="convert although the CLIP checkpoint's vision weights "
                                                              "differ from SRC's vision tower")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload OUT to this hub repository after verification")
@@ -102,11 +103,16 @@ def request_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Convert; print the summary on stdout, or one line on stderr and return 1."""
+    from .output_place import ConversionInterrupted
+
     try:
         from .converter import convert
 
         result = convert(request_from_args(args))
-    except KeyboardInterrupt:
+    except ConversionInterrupted as interrupted:  # OUT was being written: the message says what is true
+        print(f"{PROG}: {interrupted}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before anything was written
         print(f"{PROG}: interrupted; nothing was written to {args.out}", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - every failure is reported as one line

@@ -13,12 +13,9 @@ Nothing is ever left randomly initialised: a tensor the model has and no input p
 an input tensor with no place in the model.
 """
 
-import json
 import math
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,6 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConversionError
+from .foreign_code import foreign_code_references, strip_foreign_code
+from .original_format import DEFAULT_CLIP, load_original_tokenizer, parse_reduce_func, vision_tower_fallback
+from .output_place import ConversionInterrupted, OutputPlacement, check_output, resolve_output
 from .key_mapping import (
     CLIP_TEXT_PREFIX,
     CLIP_UNUSED_KEYS,
@@ -46,8 +46,6 @@ from .key_mapping import (
 from .sources import TensorSource, is_hub_id, looks_like_local_path, read_config, resolve_checkpoint
 
 
-# The CLIP checkpoint of LLaVA-1.5's vision tower; used when an original checkpoint names a local path.
-DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 METHODS = ("visionzip", "trim")
 INCOMPLETE_MARKER = "CONVERSION_INCOMPLETE"
@@ -154,7 +152,7 @@ class _Conversion:
             raise ConversionError(f"--pad-vocab-multiple must be >= 1, got {request.pad_vocab_multiple}")
         self.request = request
         self.method = request.method
-        self.out = Path(os.path.expanduser(request.out)).resolve()
+        self.out = resolve_output(request.out)
         self.plan: dict[str, _Entry] = {}
         self.unmapped: list[str] = []
         self.dropped_buffers: list[str] = []
@@ -167,10 +165,7 @@ class _Conversion:
     # Output location -------------------------------------------------------------------------------
 
     def check_output(self) -> None:
-        if self.out.exists() and not self.request.overwrite:
-            raise ConversionError(f"output {self.out} already exists; pass --overwrite to replace it")
-        if self.out.exists() and not self.out.is_dir():
-            raise ConversionError(f"output {self.out} exists and is not a directory; refusing to replace it")
+        check_output(self.out, self.request.overwrite)
 
     # Inputs ----------------------------------------------------------------------------------------
 
@@ -252,9 +247,11 @@ class _Conversion:
             if not reference:
                 raise ConversionError("SRC names no vision tower (mm_vision_tower); pass --clip CLIP_SRC")
             why = "mm_vision_tower"
-            if looks_like_local_path(reference) and not Path(os.path.expanduser(reference)).is_dir():
-                self.notes.append(f"SRC's mm_vision_tower {reference!r} is a local path; used {DEFAULT_CLIP} instead")
-                reference = DEFAULT_CLIP
+            fallback = vision_tower_fallback(reference)
+            if fallback != reference:
+                self.notes.append(f"SRC's mm_vision_tower {reference!r} is not a directory here; used the hub's "
+                                  f"{fallback} instead")
+                reference = fallback
         need_weights = (self.format == "original" and not has_vision) or (self.method == "trim" and not has_text) or (
             self.method == "trim" and has_vision and self.request.clip is not None
         )
@@ -390,12 +387,9 @@ class _Conversion:
         text_config["projection_dim"] = self.clip_config.projection_dim
         fields = {"clip_text_config": text_config, "projection_dim": self.clip_config.projection_dim}
         reduce_func = self.src_config.get("mm_vision_token_reduce_func") if self.format == "original" else None
-        if isinstance(reduce_func, str) and reduce_func.startswith("TextSim"):
-            fields["trim_append_mean_token"] = reduce_func.startswith("TextSim+")
-            try:
-                ratio = float(reduce_func.split(":", 1)[1])
-            except (IndexError, ValueError):
-                ratio = -1.0
+        if reduce_func not in (None, ""):
+            append_mean, ratio = parse_reduce_func(reduce_func)
+            fields["trim_append_mean_token"] = append_mean
             if ratio != -1.0:
                 # A fixed keep ratio: express it as equal bounds on the count.
                 patches = (self.clip_vision_config.image_size // self.clip_vision_config.patch_size) ** 2
@@ -468,7 +462,7 @@ class _Conversion:
 
         if self.format == "stock":
             try:
-                stock = AutoProcessor.from_pretrained(self.src_dir)
+                stock = AutoProcessor.from_pretrained(self.src_dir, trust_remote_code=False)
             except Exception as error:  # noqa: BLE001
                 raise ConversionError(f"SRC {self.src_dir} has no usable processor/tokenizer files: {error}")
             if not isinstance(stock, LlavaProcessor):
@@ -477,10 +471,7 @@ class _Conversion:
             settings = dict(patch_size=stock.patch_size, vision_feature_select_strategy=stock.vision_feature_select_strategy,
                             num_additional_image_tokens=stock.num_additional_image_tokens, chat_template=stock.chat_template)
         else:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(self.src_dir)
-            except Exception as error:  # noqa: BLE001
-                raise ConversionError(f"SRC {self.src_dir} has no usable tokenizer files: {error}")
+            tokenizer = load_original_tokenizer(self.src_dir, self.notes)
             if (self.clip_dir / "preprocessor_config.json").is_file():
                 image_processor = CLIPImageProcessor.from_pretrained(self.clip_dir)
             else:
@@ -503,7 +494,7 @@ class _Conversion:
             from ..modeling import LlavaTrimProcessor
 
             try:
-                clip_tokenizer = AutoTokenizer.from_pretrained(self.clip_dir)
+                clip_tokenizer = AutoTokenizer.from_pretrained(self.clip_dir, trust_remote_code=False)
             except Exception as error:  # noqa: BLE001
                 raise ConversionError(f"CLIP checkpoint {self.clip_reference!r} has no usable tokenizer files: {error}")
             processor = LlavaTrimProcessor(image_processor=image_processor, tokenizer=tokenizer,
@@ -590,12 +581,24 @@ class _Conversion:
         del state
         model.eval()
         if (self.src_dir / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(self.src_dir)
+            generation_config = GenerationConfig.from_pretrained(self.src_dir)
         else:
-            model.generation_config = GenerationConfig.from_model_config(model.config)
+            generation_config = GenerationConfig.from_model_config(model.config)
+        default_length = GenerationConfig().max_length
+        if generation_config.max_length != default_length:
+            # LLaVA-codebase saves write their context size here (4096); kept, every
+            # generate(max_new_tokens=...) would warn that both limits are set.
+            self.notes.append(f"generation_config max_length={generation_config.max_length} dropped (a context size, "
+                              "not a generation limit; pass max_new_tokens)")
+            generation_config.max_length = default_length
+        model.generation_config = generation_config
         _write_model(model, directory, self.request.max_shard_size)
         del model
         _write_processor(processor, directory)
+        stripped = strip_foreign_code(directory)
+        if stripped:
+            self.notes.append(f"dropped the inputs' auto_map code references from {', '.join(stripped)} (never run, "
+                              "never shipped: the output carries only this package's code)")
         _write_model_card(directory, self.render_card(config))
 
     def render_card(self, config) -> str:
@@ -634,6 +637,13 @@ class _Conversion:
         from safetensors import safe_open
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        # Before anything is loaded with remote code allowed: the only code it may name is ours.
+        foreign = foreign_code_references(directory)
+        if foreign:
+            raise ConversionError(
+                f"verification failed: the output's auto_map names code that is not this package's, or whose file is "
+                f"missing: {_name_list(foreign)}"
+            )
         try:
             model, info = AutoModelForImageTextToText.from_pretrained(
                 directory, trust_remote_code=True, dtype=self.out_dtype, output_loading_info=True
@@ -654,7 +664,7 @@ class _Conversion:
             )
         for key in tqdm(self.expected, desc="Verifying tensors", disable=not self.request.progress):
             wanted = self.expected_tensor(key)
-            if not torch.equal(loaded[key].to(wanted.dtype), wanted):
+            if not _same_values(loaded[key].to(wanted.dtype), wanted):
                 raise ConversionError(f"verification failed: {key} differs from {self.plan[key].origin} {self.plan[key].key}")
         del model, loaded
         for file in directory.glob("*.safetensors"):
@@ -663,13 +673,6 @@ class _Conversion:
                     dtype = handle.get_slice(key).get_dtype()
                     if dtype in ("F16", "BF16", "F32", "F64") and dtype != _SAFETENSORS_NAME[self.out_dtype]:
                         raise ConversionError(f"verification failed: {file.name}:{key} is stored as {dtype}")
-        for name in ("config.json", "processor_config.json"):
-            path = directory / name
-            auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map", {}) if path.is_file() else {}
-            for reference in auto_map.values():
-                module = (reference[0] if isinstance(reference, (list, tuple)) else reference).split(".")[0]
-                if not (directory / f"{module}.py").is_file():
-                    raise ConversionError(f"verification failed: {name} auto_map names {reference} but {module}.py is missing")
         try:
             processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
         except Exception as error:  # noqa: BLE001
@@ -696,9 +699,8 @@ class _Conversion:
         from ..modeling import LlavaTrimForConditionalGeneration, LlavaVisionZipForConditionalGeneration
 
         model_class = LlavaVisionZipForConditionalGeneration if self.method == "visionzip" else LlavaTrimForConditionalGeneration
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(str(self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"))
-        staging.mkdir()
+        placement = OutputPlacement(self.out, self.request.overwrite)
+        staging = placement.create()
         try:
             (staging / INCOMPLETE_MARKER).write_text(
                 "This directory is an unfinished conversion; it is not a checkpoint. It can be deleted.\n"
@@ -707,10 +709,13 @@ class _Conversion:
             self.verify(staging, config)
             (staging / INCOMPLETE_MARKER).unlink()
             result = self.result(staging)
-            _move_into_place(staging, self.out, self.request.overwrite)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            placement.move_into_place()
+        except KeyboardInterrupt:
+            placement.clean_up()
+            raise ConversionInterrupted(placement.interrupted_message()) from None
+        except BaseException:
+            placement.clean_up()
+            raise
         result.out = self.out
         if self.request.push_to_hub:
             try:
@@ -736,7 +741,7 @@ class _Conversion:
         if self.method == "trim" and not self._src_trained_for_trim():
             self.notes.append(
                 "TRIM on stock LLaVA weights is training-free; the authors' checkpoints were fine-tuned with TRIM active, "
-                "and training-free TRIM was reported to give poor output (ALGORITHMS.md §2.8)"
+                "and training-free TRIM was reported to give poor output (docs/trim.md §8)"
             )
         return ConversionResult(
             out=directory, method=self.method, parameters=sum(math.prod(s) for s in self.expected.values()),
@@ -747,6 +752,16 @@ class _Conversion:
     def _src_trained_for_trim(self) -> bool:
         return self.format == "original" and any(k.startswith(CLIP_TEXT_PREFIX) for k, e in self.plan.items()
                                                  if e.origin == "SRC")
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal tensors, with NaN equal to NaN in the same places (a NaN copied faithfully is not a difference)."""
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point():
+        return False
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
 
 
 _SAFETENSORS_NAME = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -770,18 +785,6 @@ def _write_processor(processor, directory: Path) -> None:
 
 def _write_model_card(directory: Path, text: str) -> None:
     (directory / "README.md").write_text(text, encoding="utf-8")
-
-
-def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise ConversionError(f"output {out} appeared during the conversion; pass --overwrite to replace it")
-        retired = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-        os.rename(out, retired)
-        os.rename(staging, out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.rename(staging, out)
 
 
 def push_to_hub(directory: Path, repo_id: str, *, private: bool = False) -> None:
@@ -824,5 +827,5 @@ def convert_trim(src: str, out: str, **options) -> ConversionResult:
 
 __all__ = [
     "ConversionRequest", "ConversionResult", "convert", "convert_visionzip", "convert_trim", "push_to_hub",
-    "DEFAULT_CLIP", "DTYPES", "INCOMPLETE_MARKER",
+    "DEFAULT_CLIP", "DTYPES", "INCOMPLETE_MARKER", "ConversionInterrupted",
 ]

@@ -1,7 +1,7 @@
 """Render the README.md (model card) of a converted checkpoint from the templates in `model_cards/`.
 
 The templates use `string.Template` placeholders (`$name`), which never clash with the braces of the Python
-snippets. Published numbers live in the templates themselves (copied from docs/ALGORITHMS.md §4); this module
+snippets. Published numbers live in the templates themselves (from docs/visionzip.md §7 and docs/trim.md §9); this module
 fills in what depends on the checkpoint: repository id, base models, license, budget, conversion notes.
 """
 

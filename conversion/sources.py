@@ -145,6 +145,9 @@ class TensorSource:
     @classmethod
     def from_file(cls, path: Path, label: str) -> "TensorSource":
         path = Path(path)
+        if path.is_dir():
+            raise ConversionError(f"{label} {path} is a directory; expected the projector file itself (e.g. "
+                                  f"{path / 'mm_projector.bin'} or a .safetensors file)")
         if not path.is_file():
             raise ConversionError(f"{label} {path} not found (missing file)")
         return cls([path], label)

@@ -85,6 +85,11 @@ def register(subparsers) -> None:
         help="timed runs per measurement after one warm-up (default: 5, or 3 with --model)",
     )
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random weights, without --model (default: 0)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let --model's own Python code (auto_map entries) run when it is loaded; off by default: stock LLaVA, "
+             "VisionZip and TRIM checkpoints load with this package's classes and need none",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, method=args.method, clip=args.clip, dominant_tokens=args.dominant_tokens,
         contextual_tokens=args.contextual_tokens, device=args.device, dtype=args.dtype, output=args.output,
         image=image_path, question=args.question, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-        seed=args.seed,
+        seed=args.seed, trust_remote_code=args.trust_remote_code,
     )
     print(report.render())
     return 0
@@ -223,10 +228,12 @@ def run_demo(
     repeats: int = 5,
     seed: int = 0,
     status=None,
+    trust_remote_code: bool = False,
 ) -> DemoReport:
     """Load (or build) the models, measure them and return the report. `method` is "both", "visionzip" or
     "trim"; `clip` is the CLIP checkpoint TRIM takes its text tower from when `model` is a stock LLaVA.
-    `status(text)` receives progress lines (default: stderr)."""
+    `status(text)` receives progress lines (default: stderr). `trust_remote_code` lets `model`'s own code run;
+    without it only this package's classes (registered with the Auto classes on import) are used."""
     import torch
     from PIL import Image
 
@@ -254,13 +261,14 @@ def run_demo(
             loaded = {}
             for name in methods:
                 with _step(status, f"loading it back with AutoModelForImageTextToText from {directory / name}"):
-                    loaded[name] = _load_auto(directory / name, device, torch_dtype)
+                    loaded[name] = _load_auto(directory / name, device, torch_dtype, trust_remote_code=False)
             source = "small LLaVA with random weights, saved as " + " and ".join(
                 f"a {_NAMES[name]} checkpoint" for name in methods
             ) + " and reloaded"
         else:
             loaded = _load_checkpoint(
-                model, methods, clip, overrides, device, torch_dtype, directory, bool(output), status, notes
+                model, methods, clip, overrides, device, torch_dtype, directory, bool(output), status, notes,
+                trust_remote_code,
             )
             source = model
         written = [str(directory / name) for name in methods if (directory / name).is_dir()]
@@ -346,20 +354,21 @@ def save_random_checkpoints(directory, torch_dtype, seed: int, overrides: dict, 
             part.save_pretrained(Path(directory) / name)
 
 
-def _load_auto(directory, device: str, torch_dtype):
-    """Load a saved checkpoint the way a user would: Auto classes with remote code allowed."""
+def _load_auto(directory, device: str, torch_dtype, trust_remote_code: bool = False):
+    """Load a checkpoint through the Auto classes. Without `trust_remote_code` the checkpoint's own code never
+    runs: importing this package registered our classes, which transformers then uses for our model types."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model, info = AutoModelForImageTextToText.from_pretrained(
-        directory, trust_remote_code=True, dtype=torch_dtype, device_map=device, output_loading_info=True
+        directory, trust_remote_code=trust_remote_code, dtype=torch_dtype, device_map=device, output_loading_info=True
     )
     _check_loading_info(directory, info)
-    processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(directory, trust_remote_code=trust_remote_code)
     return model, processor
 
 
 def _load_checkpoint(source: str, methods, clip, overrides: dict, device: str, torch_dtype, directory: Path,
-                     keep: bool, status, notes: list) -> dict:
+                     keep: bool, status, notes: list, trust_remote_code: bool = False) -> dict:
     """The models of `methods` on the weights of `source`, each as (model, processor). A TRIM model (loaded, or
     converted from stock LLaVA with `clip`'s text tower) is the base the VisionZip model then shares; without
     TRIM, VisionZip loads from `source` directly. A converted TRIM checkpoint is written to `directory/trim`, and
@@ -401,7 +410,8 @@ def _load_checkpoint(source: str, methods, clip, overrides: dict, device: str, t
         source_of_trim = source
     if "trim" in methods or model_type == "llava_trim":
         with _step(status, f"loading {source_of_trim} with AutoModelForImageTextToText"):
-            loaded["trim"] = _load_auto(source_of_trim, device, torch_dtype)
+            loaded["trim"] = _load_auto(source_of_trim, device, torch_dtype,
+                                        trust_remote_code=trust_remote_code and not needs_conversion)
     if "visionzip" in methods:
         if "trim" in loaded:
             trim_model, trim_processor = loaded["trim"]
@@ -410,7 +420,8 @@ def _load_checkpoint(source: str, methods, clip, overrides: dict, device: str, t
             )
         else:
             with _step(status, f"loading {source} as LLaVA with VisionZip"):
-                loaded["visionzip"] = _load_as_visionzip(source, model_type, overrides, device, torch_dtype)
+                loaded["visionzip"] = _load_as_visionzip(source, model_type, overrides, device, torch_dtype,
+                                                         trust_remote_code)
     for name in [name for name in loaded if name not in methods]:
         del loaded[name]  # a TRIM checkpoint that only lent VisionZip its weights
     if "visionzip" in loaded and keep:
@@ -421,33 +432,20 @@ def _load_checkpoint(source: str, methods, clip, overrides: dict, device: str, t
     return loaded
 
 
-def _load_as_visionzip(source: str, model_type: str, overrides: dict, device: str, torch_dtype):
+def _load_as_visionzip(source: str, model_type: str, overrides: dict, device: str, torch_dtype,
+                       trust_remote_code: bool = False):
     from transformers import AutoProcessor
 
     from . import LlavaVisionZipForConditionalGeneration
 
-    # Loading a `llava` checkpoint into the VisionZip class is intended, so transformers' warning about the
-    # differing model type is silenced; weights that fail to load are still caught by the loading-info check.
-    quiet = _transformers_errors_only() if model_type == "llava" else contextlib.nullcontext()
-    with quiet:
-        model, info = LlavaVisionZipForConditionalGeneration.from_pretrained(
-            source, dtype=torch_dtype, device_map=device, output_loading_info=True, **overrides
-        )
+    # The class loads a stock `llava` checkpoint without transformers' model-type warning (the documented use);
+    # weights that fail to load are still caught by the loading-info check.
+    model, info = LlavaVisionZipForConditionalGeneration.from_pretrained(
+        source, dtype=torch_dtype, device_map=device, output_loading_info=True, **overrides
+    )
     _check_loading_info(source, info)
-    processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     return model, processor
-
-
-@contextlib.contextmanager
-def _transformers_errors_only():
-    from transformers.utils import logging
-
-    previous = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(previous)
 
 
 def _check_loading_info(source, info: dict) -> None:

@@ -254,6 +254,19 @@ def load_model(path: str, method: str, dominant_tokens=None, contextual_tokens=N
     return model.eval(), processor.image_processor, clip_tokenizer
 
 
+def _check_out(out, method: str) -> None:
+    """Refuse an output path PIL cannot write, before any model is built."""
+    from PIL import Image
+
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name, e.g. {path / f'show-{method}.png'}")
+    extensions = Image.registered_extensions()
+    if path.suffix.lower() not in extensions or extensions[path.suffix.lower()] not in Image.SAVE:
+        raise ValueError(f"--out {out}: {path.suffix or 'no extension'} is not an image format PIL can write; "
+                         "use .png (or .jpg, .webp)")
+
+
 def show(image_path, method: str, question: str = DEFAULT_QUESTION, model_path=None, out="show.png",
          dominant_tokens=None, contextual_tokens=None, seed: int = 0):
     """Render the picture for one image and method; returns `(path, Selection, Layout)`."""
@@ -262,6 +275,7 @@ def show(image_path, method: str, question: str = DEFAULT_QUESTION, model_path=N
 
     if method not in ("visionzip", "trim"):
         raise ValueError(f"method must be 'visionzip' or 'trim', got {method!r}")
+    _check_out(out, method)
     if model_path:
         model, image_processor, clip_tokenizer = load_model(model_path, method, dominant_tokens, contextual_tokens)
         notice = None

@@ -11,12 +11,13 @@ import os
 
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, PretrainedConfig
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .checkpoint_code import auto_map_entry, write_checkpoint_code
+from .checkpoint_source import accepted_type_mismatch, checkpoint_config_dict, refuse_unfit_checkpoint
 from .reduced_generation import ReducedGenerationMixin
 from .vision_inputs import as_pixel_batch, run_vision_tower, vision_tokens_of  # noqa: F401 (re-exported)
 from .reduced_inputs import ReducedInputsMixin
@@ -125,6 +126,18 @@ class ReducedLlavaForConditionalGeneration(ReducedGenerationMixin, LlavaForCondi
         self.model = self.inner_model_class(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As transformers', after refusing a checkpoint that does not fit this class, before any weight is
+        built (a LLaVA-NeXT one, a stock one for TRIM: `checkpoint_source.py`)."""
+        config_dict = None
+        if pretrained_model_name_or_path is not None and not isinstance(kwargs.get("config"), PretrainedConfig):
+            config_dict = checkpoint_config_dict(pretrained_model_name_or_path, kwargs)
+            if config_dict is not None:
+                refuse_unfit_checkpoint(cls, pretrained_model_name_or_path, config_dict)
+        with accepted_type_mismatch((config_dict or {}).get("model_type"), cls.config_class.model_type):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """Save weights and config, plus the code files that make the directory load with

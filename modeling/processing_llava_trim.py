@@ -2,7 +2,7 @@
 
 Shipped with checkpoints as remote code, so it imports only the standard library and transformers.
 
-Which text is "the question" (ALGORITHMS.md §2.1, evaluation semantics): the user text of the turn that
+Which text is "the question" (docs/trim.md §1, evaluation semantics): the user text of the turn that
 brought the image, without system prompt, role markers, image tokens or chat special tokens. In order of
 preference it comes from
 
@@ -28,6 +28,8 @@ import numpy as np
 from transformers import LlavaProcessor
 from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessorMixin
+
+from .checkpoint_source import refuse_language_tokenizer_as_clip
 
 
 CLIP_MAX_LENGTH = 77
@@ -179,6 +181,7 @@ class LlavaTrimProcessor(LlavaProcessor):
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.image_token = tokenizer.image_token if hasattr(tokenizer, "image_token") else image_token
         self.image_token_id = tokenizer.encode(self.image_token, add_special_tokens=False)[0]
+        refuse_language_tokenizer_as_clip(tokenizer, clip_tokenizer)
         ProcessorMixin.__init__(self, image_processor, tokenizer, clip_tokenizer, chat_template=chat_template)
 
     @property

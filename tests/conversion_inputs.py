@@ -8,8 +8,13 @@
   tokenizer without `<image>`; optionally with the vision tower and, as the released TRIM checkpoints, CLIP's
   text tower and projections.
 - `save_projector_bin` / `save_projector_safetensors`: projector-only files in both naming schemes.
+- `save_sentencepiece_tokenizer(directory)`: the tokenizer files of `liuhaotian/llava-v1.5-7b` as published (a
+  Llama sentencepiece `tokenizer.model` only: BPE with byte fallback, `<unk>`/`<s>`/`</s>` at ids 0-2, the 256
+  byte pieces from id 3 so that `\\n` is id 13; its tokenizer_config.json with `padding_side: "right"`,
+  `model_max_length: 2048` and no `legacy` field), trained offline on a few sentences.
 """
 
+import io
 import json
 import os
 
@@ -146,6 +151,51 @@ def original_config(model, *, vision_tower: str, reduce_func: str | None = None,
     return config
 
 
+_SENTENCES = [
+    "USER: What is shown in this image? ASSISTANT: A cat sitting on a red chair next to the window.",
+    "Describe the picture in detail. There are two dogs playing in the park with a ball.",
+    "What color is the car? The car is blue and parked near the house on the street.",
+    "How many people are in the photo? 12 people stand in a line at 3 pm.",
+]
+
+
+def _special(content):
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False}
+
+
+def sentencepiece_model_bytes() -> bytes:
+    """A small Llama-style sentencepiece model (the trainer options Llama's tokenizer.model records)."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_SENTENCES * 50), model_writer=model, model_type="bpe", vocab_size=400,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", add_dummy_prefix=True,
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def save_sentencepiece_tokenizer(directory) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as handle:
+        handle.write(sentencepiece_model_bytes())
+    config = {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": _special("<s>"),
+        "clean_up_tokenization_spaces": False, "eos_token": _special("</s>"), "model_max_length": 2048,
+        "pad_token": None, "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+        "unk_token": _special("<unk>"),
+    }
+    special = {name: {k: v for k, v in _special(content).items() if k != "__type"}
+               for name, content in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))}
+    special["pad_token"] = "<unk>"
+    for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        with open(os.path.join(directory, name), "w") as handle:
+            json.dump(data, handle, indent=2)
+
+
 def save_original(
     directory,
     *,
@@ -158,11 +208,18 @@ def save_original(
     shape=TEST_SHAPE,
     seed: int = 0,
     config_overrides: dict | None = None,
+    sentencepiece_tokenizer: bool = False,
 ):
     """Write an original-format checkpoint made from a stock model (built on a tokenizer without `<image>`).
     Returns `(stock_model, state)`: the model it was made from and the tensors as written."""
     os.makedirs(directory, exist_ok=True)
-    tokenizer = build_llm_tokenizer(with_image_token=False)
+    if sentencepiece_tokenizer:
+        from transformers import AutoTokenizer
+
+        save_sentencepiece_tokenizer(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    else:
+        tokenizer = build_llm_tokenizer(with_image_token=False)
     model = stock_model(shape, seed, tokenizer)
     state = {k: v.to(dtype) for k, v in original_state(model, with_vision=with_vision, clip=clip).items()}
     if weights == "bin":
@@ -185,7 +242,8 @@ def save_original(
     config.update(config_overrides or {})
     with open(os.path.join(directory, "config.json"), "w") as handle:
         json.dump(config, handle, indent=2)
-    tokenizer.save_pretrained(directory)
+    if not sentencepiece_tokenizer:
+        tokenizer.save_pretrained(directory)
     return model, state
 
 
@@ -209,3 +267,22 @@ def save_projector_bin(path, tensors: dict) -> None:
 def save_projector_safetensors(path, tensors: dict) -> None:
     """transformers' names: `multi_modal_projector.linear_{1,2}.*`."""
     save_file({f"multi_modal_projector.{k}": v.contiguous() for k, v in tensors.items()}, path)
+
+
+def add_to_hub_cache(cache, repo_id: str, directory, revision: str = "0123456789abcdef0123456789abcdef01234567"):
+    """Copy a checkpoint directory into `cache` as the hub cache lays out a downloaded repository
+    (`models--owner--name/snapshots/<rev>/` and `refs/main`), so that hub ids resolve with HF_HUB_OFFLINE=1."""
+    import shutil
+
+    repo = os.path.join(str(cache), "models--" + repo_id.replace("/", "--"))
+    shutil.copytree(directory, os.path.join(repo, "snapshots", revision))
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as handle:
+        handle.write(revision)
+
+
+def generation_config_as_published(directory) -> None:
+    """liuhaotian/llava-v1.5-7b's generation_config.json (LLaVA-codebase saves carry the context size)."""
+    with open(os.path.join(directory, "generation_config.json"), "w") as handle:
+        json.dump({"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "max_length": 4096,
+                   "pad_token_id": 0, "transformers_version": "4.31.0"}, handle, indent=2)

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import shutil
 import re
 import subprocess
 import sys
@@ -299,3 +300,23 @@ def test_python_dash_m_entry_point():
     assert result.returncode == 0, result.stderr
     assert "demo" in result.stdout and "llava-token-reduction" in result.stdout
 
+
+
+@pytest.mark.parametrize("trim", [False, True], ids=["stock", "trim"])
+def test_demo_model_does_not_run_the_checkpoints_code(stock_llava_dir, tiny_trim_dir, tmp_path, trim):
+    """`demo --model DIR` loads DIR with this package's classes only: an `auto_map` entry DIR's tokenizer config
+    plants (hub form, "<dir>--module.Class") is not imported unless --trust-remote-code is given."""
+    directory = shutil.copytree(tiny_trim_dir if trim else stock_llava_dir, tmp_path / "checkpoint")
+    marker = tmp_path / "MARKER"
+    (directory / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\nclass Evil(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, f"{directory}--evil.Evil"]}
+    config_path.write_text(json.dumps(config))
+    method = ["--method", "trim"] if trim else ["--method", "visionzip"]
+    status, out, err = run_main(["demo", *QUICK, "--model", str(directory), *method])
+    assert status == 0, err
+    assert not marker.exists()

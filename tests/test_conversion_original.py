@@ -230,6 +230,29 @@ def test_projector_file_errors(stock_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_projector_directory_is_named_as_a_directory(stock_dir, tmp_path):
+    (tmp_path / "projector_dir").mkdir()
+    with pytest.raises(ConversionError, match="is a directory; expected the projector file itself"):
+        convert_visionzip(stock_dir, tmp_path / "o", projector=str(tmp_path / "projector_dir"), progress=False)
+
+
+def test_nan_weights_are_copied_and_verified(stock_dir, tmp_path):
+    """A NaN in SRC is carried over as it is; verification must not call it a difference (NaN != NaN)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = shutil.copytree(stock_dir, tmp_path / "nan_src")
+    state = load_file(source / "model.safetensors")
+    key = next(k for k in state if k.endswith("multi_modal_projector.linear_1.weight"))
+    state[key][0, 0] = float("nan")
+    save_file(state, source / "model.safetensors", metadata={"format": "pt"})
+    convert_visionzip(source, tmp_path / "out", progress=False)
+    converted = load_file(tmp_path / "out" / "model.safetensors")
+    stored = next(v for k, v in converted.items() if k.endswith("multi_modal_projector.linear_1.weight"))
+    assert torch.isnan(stored[0, 0]) and int(torch.isnan(stored).sum()) == 1
+
+
 class _Payload:
     """Unpickling this would create a file: the converter must refuse before that can happen."""
 

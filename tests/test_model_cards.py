@@ -56,7 +56,7 @@ def test_visionzip_card_budget_and_published_numbers():
     card = render_model_card(_visionzip_config(dominant_tokens=108, contextual_tokens=20), repo_id="acme/vz128")
     assert "| 108 | 20 | 128 | 576 |" in card
     assert 'rows "VisionZip 128"' in card
-    # Rows of ALGORITHMS.md §4.1, with their source.
+    # Rows of docs/visionzip.md §7, with their source.
     assert "| VisionZip 128 | 57.6 | 62.0 | 1761.7 | 83.2 | 68.9 | 75.6 | 56.8 | 37.9 | 54.9 | 32.6 | 97.6% |" in card
     assert "| vanilla 576 | 61.9 | 64.7 | 1862 | 85.9 | 69.5 | 78.5 | 58.2 | 36.3 | 58.6 | 31.1 | 100% |" in card
     assert "arXiv 2412.04467" in card
@@ -120,3 +120,28 @@ def test_card_snippets_run(card_checkpoints, run_isolated_python, tmp_path, meth
     result = run_isolated_python(textwrap.dedent(_RUNNER.format()), tmp_path, timeout=300)
     assert "ALL SNIPPETS RAN" in result.stdout
     assert result.stdout.count("--- snippet") == len(snippets)
+
+
+def test_shipped_text_cites_specifications_that_exist():
+    """Code, converter messages and model cards cite docs/visionzip.md and docs/trim.md (in the repository),
+    never a file the repository does not have; every `docs/<name>.md §N` names an existing section."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = [p for folder in ("modeling", "configuration", "conversion", "llava_token_reduction", "model_cards")
+               for p in (root / folder).rglob("*") if p.suffix in (".py", ".md")]
+    assert len(shipped) > 20
+    citations = []
+    for path in shipped:
+        text = path.read_text(encoding="utf-8")
+        assert "ALGORITHMS.md" not in text, path
+        citations += [(path, *m) for m in re.findall(r"docs/(\w+)\.md §(\d+)(?:-§(\d+))?", text)]
+    assert {name for _, name, _, _ in citations} >= {"visionzip", "trim"}
+    for path, name, first, last in citations:
+        doc = (root / "docs" / f"{name}.md").read_text(encoding="utf-8")
+        for section in filter(None, (first, last)):
+            assert re.search(rf"^## {section}\. ", doc, flags=re.MULTILINE), (path, name, section)
+    for name in ("visionzip", "trim"):
+        card = (root / "model_cards" / f"{name}.md").read_text(encoding="utf-8")
+        assert f"docs/{name}.md" in card

@@ -101,3 +101,14 @@ def test_show_on_a_saved_checkpoint(tmp_path):
     assert out.is_file() and selection.tokens == 128 and len(selection.kept) == 107
     with pytest.raises(ValueError, match="TRIM needs"):
         show.show(SAMPLE, "trim", model_path=str(tmp_path / "ckpt"), out=tmp_path / "t.png")
+
+
+def test_show_out_must_be_a_writable_image_file(tmp_path, capsys):
+    from llava_token_reduction import cli
+
+    status = cli.main(["show", "--image", str(SAMPLE), "--method", "visionzip", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 1 and "is a directory" in err and "show-visionzip.png" in err
+    status = cli.main(["show", "--image", str(SAMPLE), "--method", "visionzip", "--out", str(tmp_path / "x.txt")])
+    assert status == 1 and "not an image format" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -213,3 +213,77 @@ def test_save_total_limit_below_one_is_refused(checkpoints, dataset, tmp_path, c
             tmp_path / "out", "--no-progress", "--max-steps", 2, "--save-steps", 1, "--save-total-limit", limit]
     assert main(list(map(str, argv))) == 1
     assert f"--save-total-limit must be >= 1 (or left out to keep every state), got {limit}" in capsys.readouterr().err
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _truncated_jpeg(path):
+    """A JPEG whose header is intact (PIL's `verify`, the default start-up check, accepts it) but whose data
+    stops half way, so decoding fails."""
+    from PIL import Image
+
+    from tuning_support import write_image
+
+    write_image(path.with_suffix(".png"), (200, 100, 50), size=(64, 64))
+    Image.open(path.with_suffix(".png")).convert("RGB").save(path, "JPEG", quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with Image.open(path) as image:
+        image.verify()
+    with pytest.raises(OSError), Image.open(path) as image:
+        image.convert("RGB")
+    return path
+
+
+def test_undecodable_image_is_skipped_and_the_resume_matches(checkpoints, tmp_path, capsys):
+    """With --skip-bad-records a record whose image fails only when decoded is replaced by the next readable
+    one, logged and counted; a resume from a state saved before it keeps the data fingerprint, does not open
+    that image again, and ends on the uninterrupted run's weights."""
+    data_file, folder = write_dataset(tmp_path / "data", count=3, extra_records=[
+        dict(conversation("broken", "red"), image="images/broken.jpg")])
+    _truncated_jpeg(folder / "images" / "broken.jpg")
+    common = ("--max-steps", 8, "--per-device-batch-size", 1, "--lr", "5e-3", "--save-steps", 2, "--seed", 3,
+              "--skip-bad-records")
+    full = tmp_path / "full"
+    assert tune(checkpoints["visionzip"], (data_file, folder), full, *common) == 0  # was: DataError mid-epoch
+    captured = capsys.readouterr()
+    logged = [json.loads(line) for line in (full / "unreadable_images.jsonl").read_text().splitlines()]
+    assert {entry["id"] for entry in logged} == {"broken"} and "broken.jpg" in captured.err
+    assert json.loads((full / "summary.json").read_text())["unreadable_images_skipped"] == 1
+    assert "did not decode" in captured.out
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("model", "projector.safetensors", "summary.json"))
+    for state in sorted((resumed / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(state)  # keep the first saved state (step 2) only
+    _reset_accelerate()
+    assert tune(checkpoints["visionzip"], (data_file, folder), resumed, *common, "--resume-from-checkpoint",
+                "latest") == 0
+    captured = capsys.readouterr()
+    assert "broken.jpg" not in captured.err  # known from the log: not opened again
+    expected, got = load_file(str(full / "projector.safetensors")), load_file(str(resumed / "projector.safetensors"))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_truncated_state_file_is_named_and_latest_falls_back(checkpoints, dataset, tmp_path, capsys):
+    common = ("--max-steps", 4, "--per-device-batch-size", 2, "--save-steps", 1, "--save-total-limit", 4)
+    out = tmp_path / "run"
+    assert tune(checkpoints["visionzip"], dataset, out, *common) == 0
+    states = sorted((out / "checkpoints").iterdir())
+    last = states[-1] / "trainer_state.json"
+    last.write_text(last.read_text()[:20])  # cut short, as by a crash while writing
+    _reset_accelerate()
+    with pytest.raises(Exception, match=f"{last}.*unreadable"):
+        tune(checkpoints["visionzip"], dataset, out, *common, "--resume-from-checkpoint", states[-1])
+    _reset_accelerate()
+    capsys.readouterr()
+    assert tune(checkpoints["visionzip"], dataset, out, *common, "--resume-from-checkpoint", "latest") == 0
+    captured = capsys.readouterr()
+    assert str(last) in captured.err and "previous saved state" in captured.err
+    assert f"resumed from {states[-2]}" in captured.out

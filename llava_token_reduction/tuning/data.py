@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,10 @@ import torch
 from PIL import Image
 
 from .common import PROMPT_FORMATS, DataError
+
+
+class UnreadableImage(DataError):
+    """An image that passed the start-up check but does not decode."""
 
 
 IGNORE_INDEX = -100
@@ -488,7 +493,15 @@ class InstructionDataset(torch.utils.data.Dataset):
     `clip_input_ids` / `clip_attention_mask` ([n, 77]); n = the sample's images (may be 0)."""
 
     def __init__(self, samples: list[Sample], encoder: ConversationEncoder, processor, *, trim: bool = False,
-                 image_aspect_ratio: str = "pad"):
+                 image_aspect_ratio: str = "pad", skip_unreadable: bool = False, unreadable_log: Path | None = None,
+                 known_unreadable=()):
+        # With `skip_unreadable`, a record whose image passed the start-up check but does not decode is replaced
+        # by the next readable record (positions wrap around) and appended to `unreadable_log`. The replacement
+        # depends only on which files are broken, so a resumed run sees the same stream; records listed in
+        # `known_unreadable` (sample indices, e.g. from an earlier run's log) are not opened again.
+        self.skip_unreadable = skip_unreadable
+        self.unreadable_log = unreadable_log
+        self.known_unreadable = set(known_unreadable)
         if image_aspect_ratio not in ("pad", "crop"):
             raise ValueError(f"image aspect ratio must be 'pad' or 'crop', got {image_aspect_ratio!r}")
         self.samples = samples
@@ -510,10 +523,32 @@ class InstructionDataset(torch.utils.data.Dataset):
             with Image.open(path) as image:
                 image = image.convert("RGB")
         except Exception as error:  # noqa: BLE001
-            raise DataError(f"record {sample.index}, id {sample.record_id}: unreadable image {path}: {error}") from None
+            raise UnreadableImage(f"record {sample.index}, id {sample.record_id}: unreadable image {path}: "
+                                  f"{' '.join(str(error).split()) or type(error).__name__}") from None
         return expand_to_square(image, self.background) if self.image_aspect_ratio == "pad" else image
 
     def __getitem__(self, position: int) -> dict:
+        if not self.skip_unreadable:
+            return self._item(position)
+        for offset in range(len(self.samples)):
+            candidate = (position + offset) % len(self.samples)
+            sample = self.samples[candidate]
+            if sample.index in self.known_unreadable:
+                continue
+            try:
+                return self._item(candidate)
+            except UnreadableImage as error:
+                self.known_unreadable.add(sample.index)
+                self._log_unreadable(sample, str(error))
+        raise DataError("no record left with a readable image (see the unreadable-image log)")
+
+    def _log_unreadable(self, sample: Sample, reason: str) -> None:
+        print(f"warning: skipping {reason} (--skip-bad-records)", file=sys.stderr)
+        if self.unreadable_log is not None:
+            with open(self.unreadable_log, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"index": sample.index, "id": sample.record_id, "reason": reason}) + "\n")
+
+    def _item(self, position: int) -> dict:
         sample = self.samples[position]
         input_ids, labels = self.encoder.encode(sample)
         item = {"input_ids": torch.tensor(input_ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
@@ -528,6 +563,19 @@ class InstructionDataset(torch.utils.data.Dataset):
                 item["clip_input_ids"] = encoded["input_ids"]
                 item["clip_attention_mask"] = encoded["attention_mask"]
         return item
+
+
+def read_unreadable_log(path: Path) -> set[int]:
+    """Sample indices an earlier run of the same output directory found undecodable (see InstructionDataset)."""
+    if not Path(path).is_file():
+        return set()
+    found = set()
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            found.add(int(json.loads(line)["index"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    return found
 
 
 class InstructionCollator:

@@ -12,7 +12,8 @@ Output directory:
                               compared before the command succeeds
     checkpoints/step-N/       resumable training state (accelerate state + trainer_state.json)
     log.jsonl                 one JSON object per optimizer step (loss, learning rate, gradient norm, ...)
-    subset.json               the records trained on (index and id), bad_records.jsonl the skipped ones
+    subset.json               the records trained on (index and id), bad_records.jsonl the skipped ones,
+                              unreadable_images.jsonl those whose image only failed to decode mid-run
     summary.json              what was run and what came out
 """
 
@@ -44,6 +45,7 @@ PROG = "llava-token-reduction tune"
 TRAINABLE_CHOICES = ("projector", "projector+llm")
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 STATE_FILE = "trainer_state.json"
+UNREADABLE_FILE = "unreadable_images.jsonl"
 PROJECTOR_FILE = "projector.safetensors"
 PROJECTOR_PREFIX = "model.multi_modal_projector."
 
@@ -194,6 +196,20 @@ def _checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _read_state(directory: Path) -> dict:
+    """A saved state's trainer_state.json, or a TuningError naming the file when it is not a complete one."""
+    path = Path(directory) / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise TuningError(f"saved training state {path} is unreadable ({' '.join(str(error).split())})") from None
+    missing = [key for key in ("global_step", "epoch", "batch_in_epoch", "run") if key not in state] if isinstance(
+        state, dict) else ["everything"]
+    if missing:
+        raise TuningError(f"saved training state {path} is incomplete (no {', '.join(missing)})")
+    return state
+
+
 class RunLog:
     """Loss and event records: JSON Lines on the main process, lines on stdout."""
 
@@ -283,10 +299,19 @@ class Tuner:
             found = _checkpoint_dirs(self.output_dir)
             if not found:
                 raise TuningError(f"--resume-from-checkpoint latest: no saved state under {self.output_dir / 'checkpoints'}")
-            return found[-1]
+            for directory in reversed(found):
+                try:
+                    _read_state(directory)
+                except TuningError as error:  # e.g. cut short by a crash while saving: take the one before
+                    print(f"warning: {error}; trying the previous saved state", file=sys.stderr)
+                    continue
+                return directory
+            raise TuningError(f"--resume-from-checkpoint latest: no readable saved state under "
+                              f"{self.output_dir / 'checkpoints'}")
         path = Path(value)
         if not (path / STATE_FILE).is_file():
             raise TuningError(f"--resume-from-checkpoint {path}: not a saved training state (no {STATE_FILE})")
+        _read_state(path)
         return path
 
     # main -----------------------------------------------------------------------------------------------
@@ -297,7 +322,15 @@ class Tuner:
         from tqdm.auto import tqdm
         from transformers import get_scheduler
 
-        from .data import ConversationEncoder, EpochSampler, InstructionCollator, InstructionDataset, fingerprint, load_samples
+        from .data import (
+            ConversationEncoder,
+            EpochSampler,
+            InstructionCollator,
+            InstructionDataset,
+            fingerprint,
+            load_samples,
+            read_unreadable_log,
+        )
 
         args = self.args
         self._check_args()
@@ -363,7 +396,13 @@ class Tuner:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-        dataset = InstructionDataset(samples, encoder, processor, trim=trim, image_aspect_ratio=args.image_aspect_ratio)
+        unreadable_log = self.output_dir / UNREADABLE_FILE
+        if main_process and resume_dir is None and unreadable_log.exists():
+            unreadable_log.unlink()  # a fresh run finds its own
+        accelerator.wait_for_everyone()
+        dataset = InstructionDataset(samples, encoder, processor, trim=trim, image_aspect_ratio=args.image_aspect_ratio,
+                                     skip_unreadable=args.skip_bad_records, unreadable_log=unreadable_log,
+                                     known_unreadable=read_unreadable_log(unreadable_log) if resume_dir else ())
         sampler = EpochSampler(len(dataset), args.seed)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=args.per_device_batch_size, sampler=sampler, num_workers=args.num_workers,
@@ -389,7 +428,7 @@ class Tuner:
                      "trainable": args.trainable, "total_steps": total_steps}
         global_step, epoch, batch_in_epoch = 0, 0, 0
         if resume_dir is not None:
-            saved = json.loads((resume_dir / STATE_FILE).read_text())
+            saved = _read_state(resume_dir)
             for key, value in run_shape.items():
                 if saved["run"].get(key) != value:
                     raise TuningError(
@@ -474,8 +513,10 @@ class Tuner:
         summary = None
         if main_process:
             summary = self._export(unwrapped, processor, state_dict, trainable_names, frozen_before)
+            unreadable = len(read_unreadable_log(unreadable_log))
             summary.update({"steps": global_step, "final_loss": last_loss, "records": len(samples),
-                            "bad_records_skipped": len(bad), "elapsed_s": round(time.time() - started, 2)})
+                            "bad_records_skipped": len(bad), "unreadable_images_skipped": unreadable,
+                            "elapsed_s": round(time.time() - started, 2)})
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             log.write({"event": "done", **summary})
         log.close()
@@ -486,6 +527,9 @@ class Tuner:
                      + ("" if args.no_verify else " (reloaded and verified)"))
             if args.skip_bad_records:
                 self.say(f"skipped {len(bad)} bad record(s)" + (f"; see {self.output_dir / 'bad_records.jsonl'}" if bad else ""))
+                if summary["unreadable_images_skipped"]:
+                    self.say(f"replaced {summary['unreadable_images_skipped']} record(s) whose image did not decode "
+                             f"by the next readable one; see {unreadable_log}")
         return 0
 
     # state ----------------------------------------------------------------------------------------------
