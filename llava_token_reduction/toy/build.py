@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..tiny import build_processor
 from .scenes import TEST_SEED, TRAIN_SEED, make_split
-from .train import TOY_SHAPE, Recipe, build_clip_processor, train_clip, train_llava
+from .train import Recipe, build_clip_processor, build_toy_processor, train_clip, train_llava
 
 
 # Half the bytes of float32, and the toy's accuracy does not notice (the shipped numbers are measured on it).
@@ -44,8 +43,9 @@ def torch_threads(threads: int | None):
 
 
 def build(out, recipe: Recipe = Recipe(), progress: bool = True, threads: int | None = 1,
-          dtype: str = SHIPPED_DTYPE) -> dict:
-    """Train and convert into `out`; every checkpoint is stored in `dtype` (trained in float32)."""
+          dtype: str = SHIPPED_DTYPE, clip_from=None) -> dict:
+    """Train and convert into `out`; every checkpoint is stored in `dtype` (trained in float32). `clip_from`:
+    a CLIP checkpoint from an earlier build to reuse instead of training stage 1 again."""
     from ..conversion.converter import convert_trim, convert_visionzip
 
     out = Path(out)
@@ -53,7 +53,12 @@ def build(out, recipe: Recipe = Recipe(), progress: bool = True, threads: int | 
     with torch_threads(threads):
         started = time.monotonic()
         train = make_split(TRAIN_SEED, recipe.train_images)
-        clip, clip_losses = train_clip(recipe, progress=progress)
+        if clip_from:
+            from transformers import CLIPModel
+
+            clip, clip_losses = CLIPModel.from_pretrained(clip_from, dtype=torch.float32).eval(), [float("nan")]
+        else:
+            clip, clip_losses = train_clip(recipe, progress=progress)
         torch_dtype = getattr(torch, dtype)
         clip.to(torch_dtype).save_pretrained(out / "clip")
         build_clip_processor().save_pretrained(out / "clip")
@@ -61,7 +66,7 @@ def build(out, recipe: Recipe = Recipe(), progress: bool = True, threads: int | 
 
         llava, llava_losses = train_llava(clip, train, recipe, progress=progress)
         llava.to(torch_dtype).save_pretrained(out / "llava")
-        build_processor(TOY_SHAPE).save_pretrained(out / "llava")
+        build_toy_processor().save_pretrained(out / "llava")
         llava_seconds = time.monotonic() - started - clip_seconds
 
         options = {"overwrite": True, "progress": False, "license": "apache-2.0"}
@@ -69,6 +74,7 @@ def build(out, recipe: Recipe = Recipe(), progress: bool = True, threads: int | 
         convert_trim(out / "llava", out / "trim", clip=str(out / "clip"), **options)
         record = {
             "recipe": dataclasses.asdict(recipe),
+            "clip_from": str(clip_from) if clip_from else None,
             "train_questions": len(train.questions),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,

@@ -36,6 +36,7 @@ def register(subparsers) -> None:
     build.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke run, not a model)")
     build.add_argument("--clip-steps", type=int, help="contrastive steps (default: the recipe's)")
     build.add_argument("--llava-steps", type=int, help="LLaVA steps (default: the recipe's)")
+    build.add_argument("--clip-from", metavar="DIR", help="reuse the CLIP of an earlier build (skips stage 1)")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(handler=run_build)
 
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
     ship = actions.add_parser("ship", help="copy a `toy build` output into the package, with cards and accuracy")
     ship.add_argument("build", metavar="BUILD", help="a `toy build` output directory")
     ship.add_argument("--assets", metavar="DIR", help="destination (default: the package's assets/toy)")
+    ship.add_argument("--tuned", metavar="DIR", help="a `toy tune` output: ship its projector and report too")
     ship.add_argument("--no-progress", action="store_true")
     ship.set_defaults(handler=run_ship)
 
@@ -100,7 +102,7 @@ def run_build(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         recipe = replace(recipe, **changes)
-    record = build(args.out, recipe, progress=not args.no_progress)
+    record = build(args.out, recipe, progress=not args.no_progress, clip_from=args.clip_from)
     print(json.dumps(record, indent=2))
     return 0
 
@@ -138,7 +140,7 @@ def run_ship(args: argparse.Namespace) -> int:
         results = evaluate(root=args.build, split=split, progress=not args.no_progress)
     accuracy = table(results, split.questions)
     print(accuracy)
-    print(f"shipped to {ship(args.build, args.assets or ASSETS, accuracy)}")
+    print(f"shipped to {ship(args.build, args.assets or ASSETS, accuracy, tuned=args.tuned)}")
     return 0
 
 

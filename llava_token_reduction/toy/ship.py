@@ -92,7 +92,8 @@ print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 """
 
 
-def ship(build_dir, assets_dir, accuracy_table: str) -> Path:
+def ship(build_dir, assets_dir, accuracy_table: str, tuned=None) -> Path:
+    """Copy the checkpoints of `build_dir` (and, from a `toy tune` output `tuned`, its projector and report)."""
     build_dir, assets_dir = Path(build_dir), Path(assets_dir)
     record = json.loads((build_dir / "build.json").read_text())
     assets_dir.mkdir(parents=True, exist_ok=True)
@@ -105,4 +106,8 @@ def ship(build_dir, assets_dir, accuracy_table: str) -> Path:
     shutil.copy(build_dir / "build.json", assets_dir / "build.json")
     (assets_dir / ACCURACY_FILE).write_text(accuracy_table + "\n")
     demo_scene().render().save(assets_dir / SCENE_FILE)
+    if tuned:
+        (assets_dir / "tuned").mkdir(exist_ok=True)
+        shutil.copy(Path(tuned) / "tune" / "projector.safetensors", assets_dir / "tuned" / "projector.safetensors")
+        shutil.copy(Path(tuned) / "report.md", assets_dir / "tuned" / "report.md")
     return assets_dir

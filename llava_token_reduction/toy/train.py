@@ -17,8 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-from ..tiny import TinyShape, build_clip_tokenizer, build_image_processor, build_llm_tokenizer, clip_text_config
-from ..tiny import build_processor, llava_config_kwargs
+from ..tiny import TinyShape, build_clip_tokenizer, build_image_processor, clip_text_config, llava_config_kwargs
 from .scenes import Question, Split, make_scene
 
 
@@ -30,7 +29,7 @@ TOY_SHAPE = TinyShape(
     text_initializer_range=0.02,
 )
 CLIP_DATA_SEED = 3
-QA_LENGTH = 64 + 80  # image placeholders + the longest question and answer with the template, in bytes  # scenes for contrastive training are drawn fresh from this seed, never from the splits
+QA_LENGTH = 64 + 24  # image placeholders + the longest question and answer with the template, in words  # scenes for contrastive training are drawn fresh from this seed, never from the splits
 
 
 @dataclass(frozen=True)
@@ -43,10 +42,50 @@ class Recipe:
     clip_steps: int = 500
     clip_batch: int = 64
     clip_lr: float = 2e-3
-    llava_steps: int = 1000
+    llava_steps: int = 1200
     llava_batch: int = 32
-    llava_lr: float = 1.5e-3
+    llava_lr: float = 3e-3
     warmup_fraction: float = 0.05
+
+
+def build_toy_tokenizer():
+    """A word-level tokenizer over the task's words (the prompt template, questions and answers), with Llama's
+    special tokens and `<image>`. One token per word: a 2-layer language model learns to ground `circle` in
+    the image far sooner than from six byte tokens. Any other word is `<unk>` (the toy knows no other words)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from ..tiny import IMAGE_TOKEN
+    from .scenes import COLORS, NUMBER_WORDS, SHAPES
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+    words = ["USER", "ASSISTANT", ":", "?", ",", ".", "What", "color", "is", "the", "shape", "object", "Is", "there",
+             "a", "How", "many", "shapes", "are", "on", "left", "or", "right", "yes", "no",
+             *COLORS, *SHAPES, *NUMBER_WORDS.values()]
+    vocab = {token: index for index, token in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left",
+    )
+
+
+def build_toy_processor(shape: TinyShape = TOY_SHAPE):
+    """The stock `LlavaProcessor` of the toy: CLIP image processing at 112 px, the word-level tokenizer and
+    LLaVA-1.5's chat template."""
+    from transformers import LlavaProcessor
+
+    from ..tiny import LLAVA_CHAT_TEMPLATE
+
+    return LlavaProcessor(
+        image_processor=build_image_processor(shape), tokenizer=build_toy_tokenizer(), patch_size=shape.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    )
 
 
 def lr_factor(step: int, steps: int, warmup_fraction: float) -> float:
@@ -106,7 +145,7 @@ def train_clip(recipe: Recipe, shape: TinyShape = TOY_SHAPE, progress: bool = Tr
 
 def build_llava(clip: CLIPModel, shape: TinyShape = TOY_SHAPE) -> LlavaForConditionalGeneration:
     """A stock LLaVA whose vision tower is `clip`'s (copied, frozen); projector and Llama at random."""
-    model = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs(shape, build_llm_tokenizer())))
+    model = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs(shape, build_toy_tokenizer())))
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict(), strict=True)
     model.model.vision_tower.requires_grad_(False)
     return model
@@ -139,7 +178,7 @@ def train_llava(clip: CLIPModel, train: Split, recipe: Recipe, shape: TinyShape 
                 progress: bool = True) -> tuple[LlavaForConditionalGeneration, list[float]]:
     torch.manual_seed(recipe.seed)
     model = build_llava(clip, shape).train()
-    processor = build_processor(shape)
+    processor = build_toy_processor(shape)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = _optimizer(trainable, recipe.llava_lr, recipe.llava_steps, recipe.warmup_fraction)
     generator = torch.Generator().manual_seed(recipe.seed)
