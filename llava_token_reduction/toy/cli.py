@@ -52,6 +52,7 @@ def register(subparsers) -> None:
     ship.add_argument("build", metavar="BUILD", help="a `toy build` output directory")
     ship.add_argument("--assets", metavar="DIR", help="destination (default: the package's assets/toy)")
     ship.add_argument("--tuned", metavar="DIR", help="a `toy tune` output: ship its projector and report too")
+    ship.add_argument("--plot", metavar="PNG", help="also draw accuracy vs image tokens")
     ship.add_argument("--no-progress", action="store_true")
     ship.set_defaults(handler=run_ship)
 
@@ -140,6 +141,11 @@ def run_ship(args: argparse.Namespace) -> int:
         results = evaluate(root=args.build, split=split, progress=not args.no_progress)
     accuracy = table(results, split.questions)
     print(accuracy)
+    if args.plot:
+        from .plots import accuracy_plot
+
+        accuracy_plot(results, args.plot)
+        print(f"wrote {args.plot}")
     print(f"shipped to {ship(args.build, args.assets or ASSETS, accuracy, tuned=args.tuned)}")
     return 0
 

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-from ..tiny import TinyShape, build_clip_tokenizer, build_image_processor, clip_text_config, llava_config_kwargs
+from ..tiny import TinyShape, build_clip_tokenizer, build_image_processor, build_llm_tokenizer, build_processor
+from ..tiny import clip_text_config, llava_config_kwargs
 from .scenes import Question, Split, make_scene
 
 
@@ -28,8 +29,8 @@ TOY_SHAPE = TinyShape(
     text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=4, clip_text_hidden=64, clip_text_layers=2,
     text_initializer_range=0.02,
 )
-CLIP_DATA_SEED = 3
-QA_LENGTH = 64 + 24  # image placeholders + the longest question and answer with the template, in words  # scenes for contrastive training are drawn fresh from this seed, never from the splits
+CLIP_DATA_SEED = 3  # scenes for contrastive training are drawn fresh from this seed, never from the splits
+QA_LENGTH = 64 + 80  # image placeholders + the longest question and answer with the template, in bytes
 
 
 @dataclass(frozen=True)
@@ -42,50 +43,16 @@ class Recipe:
     clip_steps: int = 500
     clip_batch: int = 64
     clip_lr: float = 2e-3
-    llava_steps: int = 1200
+    llava_steps: int = 1000
     llava_batch: int = 32
-    llava_lr: float = 3e-3
+    llava_lr: float = 1.5e-3
     warmup_fraction: float = 0.05
 
 
-def build_toy_tokenizer():
-    """A word-level tokenizer over the task's words (the prompt template, questions and answers), with Llama's
-    special tokens and `<image>`. One token per word: a 2-layer language model learns to ground `circle` in
-    the image far sooner than from six byte tokens. Any other word is `<unk>` (the toy knows no other words)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from ..tiny import IMAGE_TOKEN
-    from .scenes import COLORS, NUMBER_WORDS, SHAPES
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
-    words = ["USER", "ASSISTANT", ":", "?", ",", ".", "What", "color", "is", "the", "shape", "object", "Is", "there",
-             "a", "How", "many", "shapes", "are", "on", "left", "or", "right", "yes", "no",
-             *COLORS, *SHAPES, *NUMBER_WORDS.values()]
-    vocab = {token: index for index, token in enumerate(specials + words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left",
-    )
-
-
 def build_toy_processor(shape: TinyShape = TOY_SHAPE):
-    """The stock `LlavaProcessor` of the toy: CLIP image processing at 112 px, the word-level tokenizer and
-    LLaVA-1.5's chat template."""
-    from transformers import LlavaProcessor
-
-    from ..tiny import LLAVA_CHAT_TEMPLATE
-
-    return LlavaProcessor(
-        image_processor=build_image_processor(shape), tokenizer=build_toy_tokenizer(), patch_size=shape.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    """The toy's stock `LlavaProcessor`: CLIP image processing at 112 px, the project's byte-level tokenizer
+    (one token per byte, `tiny.build_llm_tokenizer`) and LLaVA-1.5's chat template."""
+    return build_processor(shape)
 
 
 def lr_factor(step: int, steps: int, warmup_fraction: float) -> float:
@@ -100,6 +67,18 @@ def _optimizer(parameters, lr: float, steps: int, warmup_fraction: float):
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup_fraction))
     return optimizer, scheduler
+
+
+def _optimizer_step(loss, parameters, optimizer, scheduler, losses: list, bar) -> None:
+    """Backward, clip to norm 1, step, record the loss (the bar shows the mean of the last 20)."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    losses.append(loss.item())
+    if len(losses) % 20 == 1:
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
 
 
 def build_clip_processor(shape: TinyShape = TOY_SHAPE) -> CLIPProcessor:
@@ -132,20 +111,13 @@ def train_clip(recipe: Recipe, shape: TinyShape = TOY_SHAPE, progress: bool = Tr
             padding="max_length", max_length=77, return_tensors="pt",
         )
         loss = model(**batch, return_loss=True).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        _optimizer_step(loss, list(model.parameters()), optimizer, scheduler, losses, bar)
     return model.eval(), losses
 
 
 def build_llava(clip: CLIPModel, shape: TinyShape = TOY_SHAPE) -> LlavaForConditionalGeneration:
     """A stock LLaVA whose vision tower is `clip`'s (copied, frozen); projector and Llama at random."""
-    model = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs(shape, build_toy_tokenizer())))
+    model = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs(shape, build_llm_tokenizer())))
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict(), strict=True)
     model.model.vision_tower.requires_grad_(False)
     return model
@@ -194,12 +166,5 @@ def train_llava(clip: CLIPModel, train: Split, recipe: Recipe, shape: TinyShape 
         needed = {q.image_index for q in questions}
         images = {i: images[i] if i in images else train.scenes[i].render() for i in needed}
         loss = model(**qa_batch(processor, questions, images)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        _optimizer_step(loss, trainable, optimizer, scheduler, losses, bar)
     return model.eval(), losses
