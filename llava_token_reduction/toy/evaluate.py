@@ -58,11 +58,8 @@ def load(directory, **overrides):
     float32; an explicit dtype keeps it so whatever transformers' default)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from transformers.utils import logging as transformers_logging
-
     import llava_token_reduction  # noqa: F401 - registers the model types with the Auto classes
 
-    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per setting drowns the table
     model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32, **overrides).eval()
     return model, AutoProcessor.from_pretrained(directory)
 
@@ -121,15 +118,24 @@ def answer_questions(model, processor, questions: list[Question], images, batch_
 
 def evaluate(settings=DEFAULT_SETTINGS, root=ASSETS, split: Split | None = None, limit: int | None = None,
              progress: bool = True) -> list[Result]:
+    from transformers.utils import logging as transformers_logging
+
     split = split or test_split()
     questions = list(split.questions[:limit] if limit else split.questions)
     images = split.images()
     results = []
-    for setting in tqdm(settings, desc="settings", disable=not progress):
-        model, processor = load(Path(root) / setting.kind, **setting.overrides)
-        answers, tokens = answer_questions(model, processor, questions, images, progress=progress, desc=setting.label)
-        correct = [a == q.answer for a, q in zip(answers, questions)]
-        results.append(Result(setting, answers, correct, tokens, [q.kind for q in questions]))
+    bars_were_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per setting would drown the table
+    try:
+        for setting in tqdm(settings, desc="settings", disable=not progress):
+            model, processor = load(Path(root) / setting.kind, **setting.overrides)
+            answers, tokens = answer_questions(model, processor, questions, images, progress=progress,
+                                               desc=setting.label)
+            correct = [a == q.answer for a, q in zip(answers, questions)]
+            results.append(Result(setting, answers, correct, tokens, [q.kind for q in questions]))
+    finally:
+        if bars_were_enabled:
+            transformers_logging.enable_progress_bar()
     return results
 
 
