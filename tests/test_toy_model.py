@@ -106,3 +106,14 @@ def test_the_shipped_accuracy_table_is_what_the_weights_give(results):
     shipped = float(re.search(r"^\| stock LLaVA \| 64 \| ([\d.]+)%", table, re.M).group(1))
     fresh = evaluate([STOCK], progress=False)[0]
     assert f"{100 * fresh.accuracy:.1f}" == f"{shipped:.1f}"
+
+
+@pytest.mark.parametrize("kind", ["llava", "visionzip", "trim"])
+def test_model_card_snippet_runs_and_answers_with_a_task_word(kind, capsys):
+    from llava_token_reduction.toy.scenes import COLORS, NUMBER_WORDS, SHAPES
+
+    card = (toy_checkpoint(kind) / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    exec(compile(snippet, f"{kind}/README.md", "exec"), {})
+    answer = capsys.readouterr().out.strip()
+    assert answer in {*COLORS, *SHAPES, *NUMBER_WORDS.values(), "yes", "no", "left", "right"}
