@@ -1,0 +1,79 @@
+"""Value checks shared by the token-reduction configs.
+
+Shipped with every checkpoint (remote code), so it imports nothing but the standard library.
+Each check raises ``ValueError`` naming the field, the value and what is allowed, because a config
+error found only deep inside a forward pass is hard to trace back to the field that caused it.
+"""
+
+import math
+import numbers
+
+
+def check_int(field: str, value, minimum: int | None = None, maximum: int | None = None) -> None:
+    """Reject non-integers (``bool`` included) and integers outside ``[minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        # Name the allowed range here too: the contract wants field, value and range in every message.
+        bounds = [f">= {minimum}" if minimum is not None else "", f"<= {maximum}" if maximum is not None else ""]
+        allowed = " and ".join(bound for bound in bounds if bound)
+        raise ValueError(
+            f"`{field}` must be an int{' ' + allowed if allowed else ''} (not a bool or float), "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{field}` must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{field}` must be <= {maximum}, got {value}")
+
+
+def check_optional_int(field: str, value, minimum: int | None = None) -> None:
+    if value is not None:
+        check_int(field, value, minimum=minimum)
+
+
+def check_bool(field: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{field}` must be a bool (True or False), got {value!r} ({type(value).__name__})")
+
+
+def check_finite_float(field: str, value, minimum: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"`{field}` must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{field}` must be >= {minimum}, got {value}")
+
+
+def check_layer_index(field: str, value, num_layers: int) -> None:
+    """A layer index as Python indexes ``encoder.layers``: ``-num_layers .. num_layers - 1``."""
+    check_int(field, value)
+    if not -num_layers <= value < num_layers:
+        raise ValueError(
+            f"`{field}` must index one of the vision tower's {num_layers} layers "
+            f"(from {-num_layers} to {num_layers - 1}), got {value}"
+        )
+
+
+def vision_token_count(vision_config) -> int:
+    """Tokens the vision tower emits per image: the patch grid plus CLS."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+
+
+class FieldCheckedConfig:
+    """Mixin for configs whose fields are checked one at a time whenever they are set.
+
+    `from_pretrained(path, field=value)` applies load-time overrides with setattr after construction,
+    bypassing `__post_init__`; checking in `__setattr__` catches those too. Subclasses list their checks
+    in `single_field_checks` (field name -> callable raising `ValueError`) and call `check_fields()` from
+    their full validation.
+    """
+
+    single_field_checks: dict = {}
+
+    def __setattr__(self, key, value):
+        check = type(self).single_field_checks.get(key)
+        if check is not None:
+            check(value)
+        super().__setattr__(key, value)
+
+    def check_fields(self) -> None:
+        for field, check in type(self).single_field_checks.items():
+            check(getattr(self, field))

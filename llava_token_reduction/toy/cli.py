@@ -1,0 +1,188 @@
+"""`llava-token-reduction toy ...`: the small trained model that ships with the package.
+
+    toy build OUT [--quick]                   train CLIP and LLaVA from nothing, convert, write OUT/...
+    toy eval [--models DIR] [--plot PNG]      held-out accuracy vs image tokens, stock / VisionZip / TRIM
+    toy ship BUILD                            copy a build into the package (cards, accuracy table, scene)
+    toy selection [--models DIR]              what TRIM (both signs) and VisionZip keep, against the scenes
+    toy tune OUT [--models DIR]               VisionZip at a small budget, projector tuned with it on, then
+                                              `convert --projector`; accuracy before and after
+    toy data OUT [--split train|test]         write a split as LLaVA instruction data (JSON + PNG images)
+
+The shipped models live in `llava_token_reduction/assets/toy/{llava,visionzip,trim,clip}`. They are a toy:
+a 4-layer ViT and a 2-layer Llama trained on synthetic scenes of coloured shapes, nothing more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "toy", help="the small trained toy model: build it from nothing, evaluate it, tune its projector",
+        description="A tiny CLIP + LLaVA trained here on synthetic scenes of coloured shapes (shipped in the "
+                    "package): real answers and real accuracy-vs-tokens numbers on a CPU.",
+    )
+    actions = parser.add_subparsers(title="actions", dest="action", metavar="ACTION")
+    actions.required = True
+
+    build = actions.add_parser("build", help="train CLIP and LLaVA from nothing and convert them (about 10 min)")
+    build.add_argument("out", metavar="OUT", help="output directory (clip/, llava/, visionzip/, trim/, build.json)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke run, not a model)")
+    build.add_argument("--clip-steps", type=int, help="contrastive steps (default: the recipe's)")
+    build.add_argument("--llava-steps", type=int, help="LLaVA steps (default: the recipe's)")
+    build.add_argument("--clip-from", metavar="DIR", help="reuse the CLIP of an earlier build (skips stage 1)")
+    build.add_argument("--no-progress", action="store_true")
+    build.set_defaults(handler=run_build)
+
+    evaluate = actions.add_parser("eval", help="held-out accuracy vs image tokens (markdown table, optional plot)")
+    evaluate.add_argument("--models", metavar="DIR", help="a `toy build` output (default: the shipped models)")
+    evaluate.add_argument("--limit", type=int, help="only the first N held-out questions")
+    evaluate.add_argument("--plot", metavar="PNG", help="also draw accuracy vs image tokens")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(handler=run_eval)
+
+    ship = actions.add_parser("ship", help="copy a `toy build` output into the package, with cards and accuracy")
+    ship.add_argument("build", metavar="BUILD", help="a `toy build` output directory")
+    ship.add_argument("--assets", metavar="DIR", help="destination (default: the package's assets/toy)")
+    ship.add_argument("--tuned", metavar="DIR", help="a `toy tune` output: ship its projector and report too")
+    ship.add_argument("--plot", metavar="PNG", help="also draw accuracy vs image tokens")
+    ship.add_argument("--no-progress", action="store_true")
+    ship.set_defaults(handler=run_ship)
+
+    experiments = actions.add_parser("selection", help="what TRIM (both signs) and VisionZip keep, against the scenes")
+    experiments.add_argument("--models", metavar="DIR", help="a `toy build` output (default: the shipped models)")
+    experiments.add_argument("--limit", type=int, help="only the first N questions that name an object")
+    experiments.add_argument("--no-progress", action="store_true")
+    experiments.set_defaults(handler=run_selection)
+
+    tune = actions.add_parser("tune", help="projector tuning recovering VisionZip accuracy at a small budget")
+    tune.add_argument("out", metavar="OUT", help="working directory (data, tune output, converted checkpoint)")
+    tune.add_argument("--models", metavar="DIR", help="a `toy build` output (default: the shipped models)")
+    tune.add_argument("--dominant-tokens", type=int, default=6)
+    tune.add_argument("--contextual-tokens", type=int, default=2)
+    tune.add_argument("--max-samples", type=int, default=3000, help="training records (default 3000)")
+    tune.add_argument("--learning-rate", type=float, default=1e-3)
+    tune.add_argument("--batch-size", type=int, default=16)
+    tune.add_argument("--no-progress", action="store_true")
+    tune.set_defaults(handler=run_tune)
+
+    data = actions.add_parser("data", help="write a split as LLaVA instruction data (JSON + PNGs)")
+    data.add_argument("out", metavar="OUT")
+    data.add_argument("--split", choices=("train", "test"), default="train")
+    data.set_defaults(handler=run_data)
+
+
+def torch_threads(threads):
+    from .build import torch_threads as threads_context
+
+    return threads_context(threads)
+
+
+def _root(args) -> Path:
+    from . import ASSETS
+
+    return Path(args.models) if args.models else ASSETS
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from .build import build
+    from .train import Recipe
+
+    recipe = Recipe(seed=args.seed)
+    if args.quick:
+        recipe = Recipe(seed=args.seed, train_images=64, clip_steps=3, clip_batch=8, llava_steps=3, llava_batch=4)
+    changes = {k: v for k, v in (("clip_steps", args.clip_steps), ("llava_steps", args.llava_steps)) if v}
+    if changes:
+        from dataclasses import replace
+
+        recipe = replace(recipe, **changes)
+    record = build(args.out, recipe, progress=not args.no_progress, clip_from=args.clip_from)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, table, test_split
+
+    split = test_split()
+    questions = split.questions[: args.limit] if args.limit else split.questions
+    started = time.monotonic()
+    with torch_threads(1):
+        results = evaluate(root=_root(args), split=split, limit=args.limit, progress=not args.no_progress)
+    print(table(results, questions))
+    print(f"({time.monotonic() - started:.0f} s)")
+    if args.plot:
+        from .plots import accuracy_plot
+
+        accuracy_plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([
+            {"setting": r.setting.label, "kind": r.setting.kind, "overrides": r.setting.overrides,
+             "accuracy": r.accuracy, "mean_tokens": r.mean_tokens, "by_kind": r.by_kind()} for r in results
+        ], indent=2) + "\n")
+    return 0
+
+
+def run_ship(args: argparse.Namespace) -> int:
+    from . import ASSETS
+    from .evaluate import evaluate, table, test_split
+    from .ship import ship
+
+    split = test_split()
+    with torch_threads(1):
+        results = evaluate(root=args.build, split=split, progress=not args.no_progress)
+    accuracy = table(results, split.questions)
+    print(accuracy)
+    if args.plot:
+        from .plots import accuracy_plot
+
+        accuracy_plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    print(f"shipped to {ship(args.build, args.assets or ASSETS, accuracy, tuned=args.tuned)}")
+    return 0
+
+
+def run_selection(args: argparse.Namespace) -> int:
+    from .evaluate import test_split
+    from .experiments import trim_sign_report, visionzip_object_report
+
+    split = test_split()
+    with torch_threads(1):
+        print(trim_sign_report(_root(args), split, limit=args.limit, progress=not args.no_progress))
+        print()
+        print(visionzip_object_report(_root(args), split))
+    return 0
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from .tuning_data import write_instruction_data
+
+    path = write_instruction_data(args.out, args.split)
+    print(f"wrote {path}")
+    return 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from .tuning_data import projector_experiment
+
+    with torch_threads(1):
+        report = projector_experiment(
+        args.out, _root(args), args.dominant_tokens, args.contextual_tokens, max_samples=args.max_samples,
+            learning_rate=args.learning_rate, batch_size=args.batch_size, progress=not args.no_progress,
+        )
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from ..cli import main
+
+    sys.exit(main(["toy", *sys.argv[1:]]))

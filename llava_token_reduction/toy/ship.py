@@ -1,0 +1,113 @@
+"""`toy ship BUILD`: copy a `toy build` output into the package (`assets/toy/`) with honest model cards, the
+bundled demo scene and the held-out accuracy table the demo prints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .scenes import TEST_SEED, make_split
+
+
+SHIPPED = ("llava", "visionzip", "trim")
+ACCURACY_FILE = "accuracy.md"
+SCENE_FILE = "scene.png"
+# The demo's scene: held-out image 3 (purple circle, green triangle, purple square; left to right), see `demo_scene`.
+DEMO_IMAGE_INDEX = 3
+DEMO_QUESTION = "What color is the triangle?"
+
+WHAT = {
+    "llava": ("stock LLaVA (`LlavaForConditionalGeneration`), all 64 patch tokens per image",
+              "the trained weights as they are"),
+    "visionzip": ("LLaVA with VisionZip (`llava_visionzip`), 54+10 tokens by default, any budget at load time",
+                  "`llava-token-reduction convert visionzip` of the `llava` checkpoint: the same weights"),
+    "trim": ("LLaVA with TRIM (`llava_trim`), adaptive token count, question scored with the toy CLIP's text tower",
+             "`llava-token-reduction convert trim` of the `llava` checkpoint with the toy CLIP (`--clip`): the same "
+             "LLaVA weights plus the CLIP text tower and `visual_projection`"),
+}
+
+
+def demo_scene():
+    return make_split(TEST_SEED, DEMO_IMAGE_INDEX + 1).scenes[DEMO_IMAGE_INDEX]
+
+
+def model_card(kind: str, build_record: dict, accuracy_table: str) -> str:
+    what, how = WHAT[kind]
+    recipe = build_record["recipe"]
+    return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+license: apache-2.0
+tags:
+- toy
+- synthetic
+- llava
+- {kind}
+---
+
+# TOY MODEL: {kind} (trained on synthetic coloured shapes)
+
+**This is a toy.** A tiny LLaVA trained from nothing on a CPU, on computer-generated scenes of 2-4 coloured
+shapes (circle / square / triangle in red, green, blue, yellow or purple) and one-word questions about them.
+It knows nothing else: no real images, no language beyond these questions. It exists so that
+`llava-token-reduction` can show learned behaviour (real answers, real accuracy vs tokens, real projector
+tuning) without downloading anything. It is not LLaVA-1.5 and not a model of anything real.
+
+- **This checkpoint:** {what}; {how}.
+- **Architecture:** LLaVA-1.5's in miniature. Vision tower: a CLIP ViT (112-px images, 14-px patches, 64 patches
+  + CLS, 4 layers, width 64) trained contrastively with a 2-layer CLIP text tower on scene captions; projector:
+  LLaVA's two-layer GELU MLP; language model: a 2-layer Llama of width 128 with a byte-level tokenizer
+  (one token per byte). About 0.8 M parameters, stored in float16 (load with `dtype=torch.float32` on a CPU).
+- **Training:** CLIP {recipe['clip_steps']} steps x {recipe['clip_batch']} fresh scenes; LLaVA (vision tower frozen,
+  projector + language model from random initialisation) {recipe['llava_steps']} steps x {recipe['llava_batch']}
+  questions of the train split ({build_record['train_questions']} questions on {recipe['train_images']} scenes),
+  seed {recipe['seed']}, `llava-token-reduction toy build` ({build_record['total_seconds']:.0f} s on 2 shared CPU cores).
+- **Prompt:** LLaVA-1.5's format, `USER: <image>\\n{{question}} ASSISTANT:`; the processor's chat template
+  writes it. Answers are one word (`red`, `triangle`, `yes`, `three`, `left`, ...).
+
+## Held-out accuracy (greedy, exact match; `llava-token-reduction toy eval`)
+
+{accuracy_table}
+
+## Use
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import llava_token_reduction  # registers the model types (or pass trust_remote_code=True)
+from llava_token_reduction.toy import toy_checkpoint
+
+path = toy_checkpoint("{kind}")
+model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+processor = AutoProcessor.from_pretrained(path)
+conversation = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "{DEMO_QUESTION}"}}]}}]
+prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+inputs = processor(images=Image.open(toy_checkpoint("{SCENE_FILE}")), text=prompt, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=10)
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+"""
+
+
+def ship(build_dir, assets_dir, accuracy_table: str, tuned=None) -> Path:
+    """Copy the checkpoints of `build_dir` (and, from a `toy tune` output `tuned`, its projector and report)."""
+    build_dir, assets_dir = Path(build_dir), Path(assets_dir)
+    record = json.loads((build_dir / "build.json").read_text())
+    assets_dir.mkdir(parents=True, exist_ok=True)
+    for kind in SHIPPED:
+        target = assets_dir / kind
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(build_dir / kind, target)
+        (target / "README.md").write_text(model_card(kind, record, accuracy_table))
+    shutil.copy(build_dir / "build.json", assets_dir / "build.json")
+    (assets_dir / ACCURACY_FILE).write_text(accuracy_table + "\n")
+    demo_scene().render().save(assets_dir / SCENE_FILE)
+    if tuned:
+        (assets_dir / "tuned").mkdir(exist_ok=True)
+        shutil.copy(Path(tuned) / "tune" / "projector.safetensors", assets_dir / "tuned" / "projector.safetensors")
+        shutil.copy(Path(tuned) / "report.md", assets_dir / "tuned" / "report.md")
+    return assets_dir

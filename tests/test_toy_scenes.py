@@ -1,0 +1,72 @@
+"""The toy task: deterministic splits, answers that match the drawn pixels, LLaVA-like geometry."""
+
+import numpy as np
+import pytest
+
+from llava_token_reduction.toy.scenes import (
+    COLORS, IMAGE_SIZE, NUMBER_WORDS, QUESTION_KINDS, TEST_SEED, TRAIN_SEED, chance_accuracy, make_split,
+    object_patches,
+)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return make_split(TEST_SEED, 60)
+
+
+def test_splits_are_deterministic_and_disjoint():
+    first, again = make_split(TRAIN_SEED, 20), make_split(TRAIN_SEED, 20)
+    assert first == again
+    assert np.array_equal(np.asarray(first.scenes[3].render()), np.asarray(again.scenes[3].render()))
+    test = make_split(TEST_SEED, 20)
+    assert {s.noise_seed for s in first.scenes}.isdisjoint(s.noise_seed for s in test.scenes)
+    assert first.scenes != test.scenes
+
+
+def test_every_kind_appears_and_chance_is_low(split):
+    kinds = {q.kind for q in split.questions}
+    assert kinds == set(QUESTION_KINDS)
+    assert 0.3 < chance_accuracy(split.questions) < 0.45
+
+
+def test_answers_match_the_pixels(split):
+    """Checked from the rendered image, not from the generator's bookkeeping: the centre pixel of the named
+    object has the answer's colour; counts and sides follow the objects' pixels."""
+    for question in split.questions:
+        scene = split.scenes[question.image_index]
+        pixels = np.asarray(scene.render()).astype(int)
+        if question.kind == "color":
+            item = scene.objects[question.target]
+            assert item.shape in question.text
+            centre = pixels[item.y + item.radius // 2, item.x]  # inside circles, squares and triangles alike
+            assert np.abs(centre - np.array(COLORS[question.answer])).max() < 30
+        elif question.kind == "count":
+            assert question.answer == NUMBER_WORDS[len(scene.objects)]
+        elif question.kind == "side":
+            item = scene.objects[question.target]
+            assert item.name in question.text
+            box = pixels[item.y - item.radius:item.y + item.radius + 1, item.x - item.radius:item.x + item.radius + 1]
+            column = np.where(np.abs(box - np.array(COLORS[item.color])).max(axis=2) < 30)[1] + item.x - item.radius
+            assert len(column) > 20  # the object is drawn there
+            assert (question.answer == "left") == (column.max() < IMAGE_SIZE / 2)
+            assert (question.answer == "right") == (column.min() >= IMAGE_SIZE / 2)
+        elif question.kind == "exists":
+            present = any(item.name in question.text for item in scene.objects)
+            assert question.answer == ("yes" if present else "no")
+
+
+def test_geometry_is_llava_in_miniature(split):
+    """112 px, 14-px patches: 64 patches; an object touches between 1 and 9 of them, so dropping patches can
+    lose it."""
+    assert IMAGE_SIZE // 14 == 8
+    sizes = [len(object_patches(item)) for scene in split.scenes for item in scene.objects]
+    assert 1 <= min(sizes) and max(sizes) <= 9
+    assert all(0 <= p < 64 for scene in split.scenes for item in scene.objects for p in object_patches(item))
+
+
+def test_captions_fit_clip_context():
+    from llava_token_reduction.tiny import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer()
+    longest = max((s.caption() for s in make_split(TRAIN_SEED, 300).scenes), key=len)
+    assert len(tokenizer(longest)["input_ids"]) <= 77
