@@ -27,7 +27,7 @@ from lmms_eval.protocol import ChatMessages
 from tqdm import tqdm
 
 from .batching import DEFAULT_MAX_NEW_TOKENS, ChatPrompt, ReducedLlavaRunner, prompt_from_text
-from .loading import load_for_evaluation
+from .loading import load_for_evaluation, model_type_of
 from .methods import METHODS
 
 
@@ -164,7 +164,7 @@ def model_description(loaded, pretrained: str, overrides: dict) -> dict:
     config = loaded.model.config
     text = config.text_config
     return {
-        "pretrained": str(pretrained), "model_type": config.model_type,
+        "pretrained": str(pretrained), "model_type": model_type_of(loaded.model),
         "method": loaded.method.name if loaded.method is not None else None,
         "overrides": {k: v for k, v in overrides.items()},
         "lm": {

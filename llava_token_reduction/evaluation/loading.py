@@ -99,12 +99,17 @@ def load_for_evaluation(
     else:
         overrides = _checked_overrides(config, overrides, pretrained)
         model = AutoModelForImageTextToText.from_pretrained(pretrained, **load_kwargs, **overrides)
-    if method_of_model_type(model.config.model_type) is not final:
-        raise ValueError(f"loading {pretrained} gave a {model.config.model_type!r} model, not the expected one")
+    # The class's model type: a stock config loaded into our config class keeps `model_type="llava"` on the instance.
+    if method_of_model_type(model_type_of(model)) is not final:
+        raise ValueError(f"loading {pretrained} gave a {model_type_of(model)!r} model, not the expected one")
     model.eval()
     processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
     _check_processor_feeds_model(processor, model, pretrained, final)
     return LoadedModel(model=model, processor=processor, method=final)
+
+
+def model_type_of(model) -> str:
+    return type(model.config).model_type
 
 
 def _checked_overrides(config, overrides: dict, pretrained: str) -> dict:
@@ -128,7 +133,7 @@ def _check_processor_feeds_model(processor, model, pretrained: str, method: Redu
     if missing:
         hint = f" ({method.how_to_make})" if method is not None and method.how_to_make else ""
         raise ValueError(
-            f"the {model.config.model_type!r} model needs {', '.join(missing)} from its processor, but the processor "
+            f"the {model_type_of(model)!r} model needs {', '.join(missing)} from its processor, but the processor "
             f"loaded from {pretrained} ({type(processor).__name__}) does not produce them: save the method's processor "
             f"with the checkpoint and load it with trust_remote_code=True or with llava-token-reduction installed{hint}"
         )
