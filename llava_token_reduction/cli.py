@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "llava_token_reduction.bench",
     "llava_token_reduction.show",
     "llava_token_reduction.tuning.train",
+    "llava_token_reduction.serve",
 )
 
 
