@@ -259,3 +259,49 @@ def test_summary_table_on_the_offline_task(runs, offline):
         assert record["image_tokens"] == len(features[0])
     table = render_table(model, rows)
     assert f"| {GEN} | exact_match |" in table and "llava_trim" in table
+
+
+def _paper_script():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "paper_evaluation.py")
+    spec = importlib.util.spec_from_file_location("paper_evaluation", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_table_on_the_offline_task(runs, tmp_path):
+    """The reproduction script's table, fed with two real runs of the offline task laid out as it writes them."""
+    paper = _paper_script()
+    benchmark = paper.Benchmark("OFF", GEN, ("exact_match",))
+    settings = [paper.Setting("base", "VisionZip 10+4", "llava_visionzip", "", {"OFF": 50.0}),
+                paper.Setting("small", "stock as VisionZip 6+2", "llava_token_reduction", "", {"OFF": 40.0}, note="offline")]
+    for setting, name in zip(settings, ("visionzip_b4", "stock_as_visionzip")):
+        run = completed(runs, name)
+        os.makedirs(tmp_path / setting.key)
+        os.symlink(run["out"], tmp_path / setting.key / "results")
+        os.symlink(run["stats"], tmp_path / setting.key / "stats.jsonl")
+    collected = paper.collect(str(tmp_path), settings, [benchmark])
+    scores = [json.load(open(completed(runs, n)["results"]))["results"][GEN]["exact_match,none"]
+              for n in ("visionzip_b4", "stock_as_visionzip")]
+    assert [c.scores["OFF"] for c in collected] == [100 * s for s in scores]
+    assert [c.image_tokens for c in collected] == [14, 8]
+    table = paper.render(collected, [benchmark])
+    assert f"| VisionZip 10+4 | 14.0 | {100 * scores[0]:.1f} / 50.0 |" in table
+    assert "| stock as VisionZip 6+2 | 8.0 |" in table and "offline" in table
+
+
+def test_paper_commands():
+    paper = _paper_script()
+    [setting] = [s for s in paper.LLAVA15_SETTINGS if s.key == "visionzip-128"]
+    command = paper.lmms_eval_command(setting, paper.LLAVA15_BENCHMARKS, "/runs", python="py", num_processes=8)
+    assert command[:5] == ["py", "-m", "accelerate.commands.launch", "--num_processes=8", "-m"]
+    args = command[command.index("--model_args") + 1]
+    assert "method=visionzip,dominant_tokens=108,contextual_tokens=20" in args and "stats_path=/runs/visionzip-128/" in args
+    assert command[command.index("--tasks") + 1].split(",")[:3] == ["gqa", "mmbench_en_dev", "mme"]
+    [trim] = [s for s in paper.LLAVA15_SETTINGS if s.key == "trim"]
+    trim_command = paper.lmms_eval_command(trim, paper.LLAVA15_BENCHMARKS, "/r", trim_checkpoint="/ckpt/trim")
+    assert trim_command[trim_command.index("--model") + 1] == "llava_trim"
+    assert trim_command[trim_command.index("--model_args") + 1].startswith("pretrained=/ckpt/trim,")
