@@ -10,7 +10,9 @@ import os
 
 import numpy as np
 import torch
+from conftest import _spread_vision_weights
 from PIL import Image
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llava_token_reduction import (
     LlavaTrimConfig,
@@ -123,46 +125,26 @@ def doc_images(built: dict, index: int, two: bool = False) -> list:
     return images
 
 
-def _spread(module, seed):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if "layer_norm" in name or "layrnorm" in name:
-                value = (1.0 if name.endswith("weight") else 0.0) + 0.1 * noise
-            elif parameter.ndim >= 2:
-                value = noise * (2.5 if ("q_proj" in name or "k_proj" in name) else 1.0) / parameter[0].numel() ** 0.5
-            else:
-                value = 0.1 * noise
-            parameter.copy_(value)
-
-
-def save_visionzip_checkpoint(directory, seed: int = 0):
-    torch.manual_seed(seed)
-    model = LlavaVisionZipForConditionalGeneration(
-        LlavaVisionZipConfig(**llava_config_kwargs(), dominant_tokens=10, contextual_tokens=4)
-    ).eval()
-    _spread(model.model.vision_tower, seed + 1)
-    model.save_pretrained(directory)
-    build_processor().save_pretrained(directory)
+def _saved(model, processor, directory, seed: int) -> str:
+    """Spread `model`'s vision weights (peaked CLS attention, as the other tests), save it with `processor`."""
+    _spread_vision_weights(model.model.vision_tower, seed=seed + 1)
+    model.eval().save_pretrained(directory)
+    processor.save_pretrained(directory)
     return os.fspath(directory)
 
 
-def save_trim_checkpoint(directory, seed: int = 0):
+def save_visionzip_checkpoint(directory, seed: int = 0) -> str:
     torch.manual_seed(seed)
-    model = LlavaTrimForConditionalGeneration(LlavaTrimConfig(**trim_config_kwargs())).eval()
-    _spread(model.model.vision_tower, seed + 1)
-    model.save_pretrained(directory)
-    build_trim_processor().save_pretrained(directory)
-    return os.fspath(directory)
+    config = LlavaVisionZipConfig(**llava_config_kwargs(), dominant_tokens=10, contextual_tokens=4)
+    return _saved(LlavaVisionZipForConditionalGeneration(config), build_processor(), directory, seed)
 
 
-def save_stock_checkpoint(directory, seed: int = 0):
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
+def save_trim_checkpoint(directory, seed: int = 0) -> str:
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs())).eval()
-    _spread(model.model.vision_tower, seed + 1)
-    model.save_pretrained(directory)
-    build_processor().save_pretrained(directory)
-    return os.fspath(directory)
+    config = LlavaTrimConfig(**trim_config_kwargs())
+    return _saved(LlavaTrimForConditionalGeneration(config), build_trim_processor(), directory, seed)
+
+
+def save_stock_checkpoint(directory, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    return _saved(LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs())), build_processor(), directory, seed)
