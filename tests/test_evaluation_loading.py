@@ -104,3 +104,26 @@ def test_stop_strings_cut_at_the_first_one():
     assert cut_at_stop_strings("yes.\nUSER: more", ["\n", "USER:"]) == "yes."
     assert cut_at_stop_strings("no stop here", ["\n\n"]) == "no stop here"
     assert cut_at_stop_strings("abc", []) == "abc"
+
+
+def test_hub_id_from_the_hub_cache_offline(saved, tmp_path):
+    """A hub id resolves through a hub-style cache (`models--owner--name/snapshots/<rev>/`, `refs/main`) offline."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-llava" / "snapshots" / ("0" * 40)
+    shutil.copytree(saved["stock"], snapshot)
+    (cache / "models--someone--tiny-llava" / "refs").mkdir()
+    (cache / "models--someone--tiny-llava" / "refs" / "main").write_text("0" * 40)
+    script = (
+        "from llava_token_reduction.evaluation.loading import load_for_evaluation\n"
+        "loaded = load_for_evaluation('someone/tiny-llava', method='visionzip', overrides={'dominant_tokens': 6})\n"
+        "print(type(loaded.model).__name__, loaded.model.config.dominant_tokens)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["LlavaVisionZipForConditionalGeneration", "6"]

@@ -129,9 +129,12 @@ class _ReducedLlavaBase(lmms):
         progress.close()
         return results
 
-    @staticmethod
-    def _gen_kwargs(request) -> dict:
-        return dict(request.args[1] or {}) if isinstance(request.args[1], dict) else dict(request.args[2] or {})
+    # Where a generate request carries its generation options: (ctx, doc_to_messages, gen_kwargs, ...) for chat
+    # classes, (ctx, gen_kwargs, doc_to_visual, ...) for simple ones.
+    gen_kwargs_position: int = 2
+
+    def _gen_kwargs(self, request) -> dict:
+        return dict(request.args[self.gen_kwargs_position] or {})
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("multi-round generation is not supported by llava_token_reduction")
@@ -193,6 +196,7 @@ class LlavaTokenReductionSimple(_ReducedLlavaBase):
     """Simple interface (`--force_simple`): a text context plus `doc_to_visual`; also multiple choice."""
 
     is_simple = True
+    gen_kwargs_position = 1
 
     def _prompt(self, request) -> ChatPrompt:
         context, _, doc_to_visual, doc_id, task, split = request.args
