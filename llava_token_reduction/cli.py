@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "llava_token_reduction.show",
     "llava_token_reduction.tuning.train",
     "llava_token_reduction.toy.cli",
+    "llava_token_reduction.serve",
 )
 
 

@@ -81,7 +81,7 @@ class LlavaTrimModel(LlavaModel):
 
     config_class = LlavaTrimConfig
     config: LlavaTrimConfig
-    # Scores need fp32 (ALGORITHMS.md §2.6); these stay fp32 under fp16/bf16 loads. The tower's own pooled
+    # Scores need fp32 (docs/trim.md §6); these stay fp32 under fp16/bf16 loads. The tower's own pooled
     # output still works: layer_norm accepts half input with fp32 parameters.
     _keep_in_fp32_modules_strict = ["clip_text_model", "visual_projection", "vision_tower.post_layernorm"]
 

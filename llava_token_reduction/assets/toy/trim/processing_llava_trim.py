@@ -2,7 +2,7 @@
 
 Shipped with checkpoints as remote code, so it imports only the standard library and transformers.
 
-Which text is "the question" (ALGORITHMS.md §2.1, evaluation semantics): the user text of the turn that
+Which text is "the question" (docs/trim.md §1, evaluation semantics): the user text of the turn that
 brought the image, without system prompt, role markers, image tokens or chat special tokens. In order of
 preference it comes from
 

@@ -1,7 +1,7 @@
 """Pure tensor functions of the visual-token reductions.
 
 Every function here takes and returns tensors and knows nothing about models, hooks or configs, so each
-can be checked against the definitions in the project's ALGORITHMS.md on its own. The pattern follows
+can be checked against the definitions in the project's docs/visionzip.md and docs/trim.md on their own. The pattern follows
 NVIDIA's kvpress: a method is a small *scorer*; selecting (keep the best-scoring tokens in raster order)
 and merging (fold what was dropped into a few extra tokens) are shared.
 
@@ -305,7 +305,7 @@ def trim_reduce(
     max_tokens: int | None = None,
     append_mean_token: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """TRIM on a batch of images (see the project's ALGORITHMS.md §2).
+    """TRIM on a batch of images (see docs/trim.md §1-§5).
 
     Args:
         patch_features: `[B, N_p, D]` patch features `P` (CLS excluded).

@@ -1,0 +1,129 @@
+"""Loading for evaluation (no lmms-eval needed): load-time overrides, refusals before any weight is loaded
+into the wrong class, the TRIM processor check, which text TRIM scores, and prompt building."""
+
+import pytest
+import torch
+from PIL import Image
+
+import eval_support as support
+from llava_token_reduction.evaluation.batching import (
+    ChatPrompt,
+    ReducedLlavaRunner,
+    cut_at_stop_strings,
+    prompt_from_text,
+)
+from llava_token_reduction.evaluation.loading import load_for_evaluation
+from llava_token_reduction.tiny import build_processor
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluation_loading")
+    trim_with_stock_processor = root / "trim_stock_processor"
+    support.save_trim_checkpoint(trim_with_stock_processor)
+    build_processor().save_pretrained(trim_with_stock_processor)  # replaces the TRIM processor
+    return {"visionzip": support.save_visionzip_checkpoint(root / "visionzip"),
+            "trim": support.save_trim_checkpoint(root / "trim"),
+            "stock": support.save_stock_checkpoint(root / "stock"),
+            "trim_stock_processor": str(trim_with_stock_processor)}
+
+
+def test_config_fields_are_load_time_overrides(saved):
+    loaded = load_for_evaluation(saved["visionzip"], overrides={"dominant_tokens": 6, "contextual_tokens": 2.0,
+                                                                "visionzip_layer": -1.0})
+    config = loaded.model.config
+    assert (config.dominant_tokens, config.contextual_tokens, config.visionzip_layer) == (6, 2, -1)
+    assert all(isinstance(v, int) for v in (config.contextual_tokens, config.visionzip_layer))
+    trim = load_for_evaluation(saved["trim"], overrides={"trim_max_tokens": 3, "trim_min_tokens": "None"})
+    assert trim.model.config.trim_max_tokens == 3 and trim.model.config.trim_min_tokens is None
+
+
+def test_unknown_option_is_refused_by_name(saved):
+    with pytest.raises(ValueError, match="dominant_tokenz"):
+        load_for_evaluation(saved["visionzip"], overrides={"dominant_tokenz": 6})
+
+
+def test_invalid_budget_is_refused(saved):
+    with pytest.raises(ValueError, match="dominant_tokens"):
+        load_for_evaluation(saved["visionzip"], overrides={"dominant_tokens": 0})
+
+
+def test_stock_checkpoint_loads_unreduced_or_reduced(saved):
+    baseline = load_for_evaluation(saved["stock"])
+    assert baseline.method is None and type(baseline.model).__name__ == "LlavaForConditionalGeneration"
+    reduced = load_for_evaluation(saved["stock"], method="visionzip", overrides={"dominant_tokens": 6, "contextual_tokens": 2})
+    assert reduced.method.name == "visionzip" and type(reduced.model).__name__ == "LlavaVisionZipForConditionalGeneration"
+    assert reduced.model.config.dominant_tokens == 6
+    for name, tensor in baseline.model.state_dict().items():
+        assert torch.equal(tensor, reduced.model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("checkpoint,kwargs,message", [
+    ("stock", {"expected_method": "visionzip"}, "stock 'llava' checkpoint: pass method=visionzip"),
+    ("stock", {"expected_method": "trim"}, "stock 'llava' checkpoint"),
+    ("visionzip", {"expected_method": "trim"}, "is a visionzip checkpoint"),
+    ("trim", {"method": "visionzip"}, "cannot be evaluated with method=visionzip"),
+    ("stock", {"method": "trim"}, "convert trim"),
+    ("stock", {"method": "prumerge"}, "unknown reduction method 'prumerge'"),
+    ("trim_stock_processor", {}, "clip_input_ids"),
+])
+def test_refusals_name_the_problem(saved, checkpoint, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_for_evaluation(saved[checkpoint], **kwargs)
+
+
+def test_which_text_trim_scores(saved):
+    loaded = load_for_evaluation(saved["trim"])
+    image = support.picture(0)
+    text = f"Is it day? {support.SUFFIX}"
+    prompt = ChatPrompt(messages=[{"role": "user", "content": [{"type": "image", "image": image},
+                                                               {"type": "text", "text": text}]}], images=[image])
+    assert ReducedLlavaRunner(loaded).questions(prompt) == [text]
+    assert ReducedLlavaRunner(loaded, trim_question="no_format").questions(prompt) == ["Is it day?"]
+    assert ReducedLlavaRunner(loaded, trim_question="empty").questions(prompt) == [""]
+    with pytest.raises(ValueError, match="trim_question"):
+        ReducedLlavaRunner(loaded, trim_question="question_only")
+    # The default goes to the model as the CLIP question of the image: the whole user turn.
+    inputs = ReducedLlavaRunner(loaded).encode([prompt], ["USER: <image>\n" + text + " ASSISTANT:"])
+    expected = loaded.processor.clip_tokenizer(text, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    assert inputs["clip_input_ids"][0].tolist() == expected
+
+
+def test_prompt_from_text_places_images():
+    a, b = Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8), "white")
+    first = prompt_from_text("Compare them.", [a, b])
+    assert [part["type"] for part in first.messages[0]["content"]] == ["image", "image", "text"]
+    inline = prompt_from_text("Left: <image> right: <image> which is brighter?", [a, b])
+    assert [(p["type"], p.get("text")) for p in inline.messages[0]["content"]] == [
+        ("text", "Left:"), ("image", None), ("text", "right:"), ("image", None), ("text", "which is brighter?")]
+    mismatched = prompt_from_text("<image> Describe.", [a, b])
+    assert mismatched.messages[0]["content"][-1] == {"type": "text", "text": "Describe."}
+
+
+def test_stop_strings_cut_at_the_first_one():
+    assert cut_at_stop_strings("yes.\nUSER: more", ["\n", "USER:"]) == "yes."
+    assert cut_at_stop_strings("no stop here", ["\n\n"]) == "no stop here"
+    assert cut_at_stop_strings("abc", []) == "abc"
+
+
+def test_hub_id_from_the_hub_cache_offline(saved, tmp_path):
+    """A hub id resolves through a hub-style cache (`models--owner--name/snapshots/<rev>/`, `refs/main`) offline."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-llava" / "snapshots" / ("0" * 40)
+    shutil.copytree(saved["stock"], snapshot)
+    (cache / "models--someone--tiny-llava" / "refs").mkdir()
+    (cache / "models--someone--tiny-llava" / "refs" / "main").write_text("0" * 40)
+    script = (
+        "from llava_token_reduction.evaluation.loading import load_for_evaluation\n"
+        "loaded = load_for_evaluation('someone/tiny-llava', method='visionzip', overrides={'dominant_tokens': 6})\n"
+        "print(type(loaded.model).__name__, loaded.model.config.dominant_tokens)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["LlavaVisionZipForConditionalGeneration", "6"]
