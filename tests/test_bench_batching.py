@@ -221,7 +221,8 @@ def test_a_llava_next_checkpoint_is_refused_until_its_classes_exist(tmp_path):
 
 
 def _efficiency_script():
-    spec = importlib.util.spec_from_file_location("visionzip_efficiency", ROOT / "benchmarks" / "visionzip_efficiency.py")
+    path = ROOT / "benchmarks" / "visionzip_efficiency.py"
+    spec = importlib.util.spec_from_file_location("visionzip_efficiency", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -264,3 +265,20 @@ def test_efficiency_script_refuses_what_it_cannot_run(tmp_path, capsys):
     assert "--device must be cpu, cuda or cuda:N" in capsys.readouterr().err
     assert script.main(["--model", "x", "--images", str(tmp_path)]) == 2
     assert f"no .jpg/.jpeg/.png pictures in {tmp_path}" in capsys.readouterr().err
+
+
+def test_a_half_precision_preset_is_built_as_from_pretrained_would_load_it():
+    image = Image.open(bench.SAMPLE_IMAGE).convert("RGB")
+    rows = [m for m in bench.DEFAULT_METHODS if m.name in ("stock", "trim")]
+    workload = bench.build_preset_workload(bench.PRESETS["tiny"], image, "hi", rows, dtype="bfloat16",
+                                           attn_implementation="eager")
+    trim = workload.models["trim"]
+    kept_fp32 = ("model.clip_text_model.", "model.visual_projection.", "model.vision_tower.post_layernorm.")
+    for name, parameter in trim.named_parameters():
+        expected = torch.float32 if name.startswith(kept_fp32) else torch.bfloat16
+        assert parameter.dtype == expected, name
+    assert workload.inputs["trim"]["pixel_values"].dtype == torch.bfloat16
+    assert workload.inputs["trim"]["clip_input_ids"].dtype == torch.long
+    for model in workload.models.values():
+        assert model.model.vision_tower.config._attn_implementation == "eager"
+        assert model.model.language_model.config._attn_implementation == "eager"

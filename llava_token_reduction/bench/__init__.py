@@ -79,10 +79,11 @@ from .workloads import (
 
 
 __all__ = [
-    "BenchShape", "CudaPeak", "batch_images", "batch_rows", "clip_text_tower_flops", "clock_of", "generate_flops",
-    "memory_meter", "projector_flops", "weights_bytes", "DEFAULT_METHODS", "DEFAULT_QUESTION", "Method", "PRESETS", "PeakRSS", "RANDOM_WEIGHTS_NOTICE",
-    "SAMPLE_IMAGE", "Workload", "build_checkpoint_workload", "build_models", "build_preset_workload", "figures",
-    "image_tokens_kept", "kv_cache_bytes", "lm_prefill_flops", "machine_info", "measure_attention_acquisition",
-    "measure_generate", "register", "render_markdown", "render_plot", "run", "run_benchmark", "shape_flops",
-    "shape_prefill_flops", "vision_tower_flops", "write_outputs",
+    "batch_images", "batch_rows", "BenchShape", "build_checkpoint_workload", "build_models", "build_preset_workload",
+    "clip_text_tower_flops", "clock_of", "CudaPeak", "DEFAULT_METHODS", "DEFAULT_QUESTION", "figures",
+    "generate_flops", "image_tokens_kept", "kv_cache_bytes", "lm_prefill_flops", "machine_info",
+    "measure_attention_acquisition", "measure_generate", "memory_meter", "Method", "PeakRSS", "PRESETS",
+    "projector_flops", "RANDOM_WEIGHTS_NOTICE", "register", "render_markdown", "render_plot", "run", "run_benchmark",
+    "SAMPLE_IMAGE", "shape_flops", "shape_prefill_flops", "vision_tower_flops", "weights_bytes", "Workload",
+    "write_outputs",
 ]

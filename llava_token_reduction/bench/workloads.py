@@ -124,7 +124,8 @@ class Workload:
         """Method name -> generate kwargs of a batch of `images`, on the models' device (pixels in their dtype)."""
         if self.make_inputs is None:
             raise ValueError("this workload has no processor to build batches with")
-        return {name: place_inputs(inputs, self.device, self.dtype) for name, inputs in self.make_inputs(images).items()}
+        rows = self.make_inputs(images)
+        return {name: place_inputs(inputs, self.device, self.dtype) for name, inputs in rows.items()}
 
 
 def place_inputs(inputs: dict, device: str, dtype: str) -> dict:
@@ -201,6 +202,17 @@ def _text_tower_method():
     return next(method for method in registry.METHODS.values() if method.needs_clip_text_tower)
 
 
+def _keep_fp32_modules(model) -> None:
+    """Put the modules a class keeps in fp32 (`_keep_in_fp32_modules_strict`, TRIM's scoring modules) back to fp32
+    after a half-precision build, as `from_pretrained` leaves them."""
+    for module in list(model.modules()):
+        for name in getattr(module, "_keep_in_fp32_modules_strict", None) or ():
+            try:
+                module.get_submodule(name).float()
+            except AttributeError:  # the outer class repeats its inner model's list, relative to the inner model
+                continue
+
+
 def build_preset_workload(shape: BenchShape, image, question: str, methods, seed: int = 0, device: str = "cpu",
                           dtype: str = "float32", attn_implementation: str | None = None) -> Workload:
     """Random-weight models of `shape` (built locally from configs) on `device` in `dtype`, with
@@ -229,12 +241,13 @@ def build_preset_workload(shape: BenchShape, image, question: str, methods, seed
     # One base with CLIP's text tower too, so that every row can run on its weights.
     base_method = _text_tower_method()
     torch.manual_seed(seed)
-    base = base_method.generation_class(
-        base_method.config_class(**common, clip_text_config=clip_text, projection_dim=shape.projection_dim)
-    ).eval()
-    base.to(device=device, dtype=getattr(torch, dtype))
-    if attn_implementation is not None:
-        base.set_attn_implementation(attn_implementation)
+    config = base_method.config_class(**common, clip_text_config=clip_text, projection_dim=shape.projection_dim)
+    # Built on the device in the dtype: a 7B-width preset is never materialised in fp32 on the host first.
+    with torch.device(device):
+        base = base_method.generation_class._from_config(
+            config, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+        ).eval()
+    _keep_fp32_modules(base)
     models = build_models(base, methods)
 
     def make_inputs(images):
