@@ -98,6 +98,14 @@ def test_sweep_has_every_row_at_batch_1_and_3_with_its_ratios(sweep):
     assert "peak (activations + KV) MiB" in markdown
 
 
+def test_sweep_writes_its_plot(sweep, tmp_path):
+    _, report, _ = sweep
+    paths = bench.write_outputs(report, tmp_path, "sweep")
+    with Image.open(paths["batch_png"]) as png:
+        assert png.format == "PNG" and png.size[0] > 800
+    assert paths["batch_png"].name == "sweep-batching.png"
+
+
 def test_trim_padding_is_what_each_picture_alone_implies(sweep):
     workload, report, image = sweep
     trim = workload.models["trim"]

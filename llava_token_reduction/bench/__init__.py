@@ -62,7 +62,7 @@ from .measure import (
     measure_generate,
     memory_meter,
 )
-from .report import render_markdown, render_plot, write_outputs
+from .report import render_batch_plot, render_markdown, render_plot, write_outputs
 from .runner import RANDOM_WEIGHTS_NOTICE, figures, machine_info, run_benchmark
 from .shapes import PRESETS, BenchShape
 from .workloads import (
@@ -83,7 +83,7 @@ __all__ = [
     "clip_text_tower_flops", "clock_of", "CudaPeak", "DEFAULT_METHODS", "DEFAULT_QUESTION", "figures",
     "generate_flops", "image_tokens_kept", "kv_cache_bytes", "lm_prefill_flops", "machine_info",
     "measure_attention_acquisition", "measure_generate", "memory_meter", "Method", "PeakRSS", "PRESETS",
-    "projector_flops", "RANDOM_WEIGHTS_NOTICE", "register", "render_markdown", "render_plot", "run", "run_benchmark",
-    "SAMPLE_IMAGE", "shape_flops", "shape_prefill_flops", "vision_tower_flops", "weights_bytes", "Workload",
-    "write_outputs",
+    "projector_flops", "RANDOM_WEIGHTS_NOTICE", "register", "render_batch_plot", "render_markdown", "render_plot",
+    "run", "run_benchmark", "SAMPLE_IMAGE", "shape_flops", "shape_prefill_flops", "vision_tower_flops",
+    "weights_bytes", "Workload", "write_outputs",
 ]

@@ -186,6 +186,42 @@ def render_plot(report: dict, path) -> None:
     plt.close(fig)
 
 
+def render_batch_plot(report: dict, path) -> None:
+    """Images per second against the batch size, one line per row, and the peak memory per image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = report["batching"]
+    names = list(dict.fromkeys(cell["method"] for cell in cells))
+    fig, (ax_rate, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for name in names:
+        mine = sorted((c for c in cells if c["method"] == name), key=lambda c: c["batch"])
+        sizes = [c["batch"] for c in mine]
+        (line,) = ax_rate.plot(sizes, [c["images_per_s"]["median"] for c in mine], marker="o", label=name)
+        colour = line.get_color()
+        peaks = [c["peak_memory_bytes"] / c["batch"] / 2**20 if c.get("peak_memory_bytes") is not None else None
+                 for c in mine]
+        if all(p is not None for p in peaks):
+            ax_memory.plot(sizes, peaks, marker="o", color=colour, label=name)
+        ax_memory.plot(sizes, [c["kv_cache_bytes"] / c["batch"] / 2**20 for c in mine], linestyle=":",
+                       marker=".", color=colour)
+    for ax in (ax_rate, ax_memory):
+        ax.set_xlabel("batch size (images per generate call)")
+        ax.set_xticks(sorted({c["batch"] for c in cells}))
+        ax.legend(fontsize=8)
+    ax_rate.set_ylabel("images / s (median)")
+    ax_rate.set_title("Throughput")
+    ax_memory.set_ylabel("MiB per image")
+    ax_memory.set_title("Peak activations + KV (solid), KV cache (dotted); weights apart")
+    note = "RANDOM WEIGHTS — " if report["random_weights"] else ""
+    fig.suptitle(f"{note}{report['source']}, {report['dtype']}, {report.get('device', 'cpu')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_outputs(report: dict, out_dir, stem: str = "bench") -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,5 +229,8 @@ def write_outputs(report: dict, out_dir, stem: str = "bench") -> dict:
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     paths["markdown"].write_text(render_markdown(report))
     render_plot(report, paths["png"])
+    if len({cell["batch"] for cell in report.get("batching") or []}) > 1:
+        paths["batch_png"] = out_dir / f"{stem}-batching.png"
+        render_batch_plot(report, paths["batch_png"])
     return paths
 
