@@ -25,6 +25,7 @@ import json
 import sys
 from pathlib import Path
 
+
 # The VisionZip paper's efficiency table (LLaVA-NeXT-7B, POPE, one A800), as ALGORITHMS.md §4.3 re-prints it.
 PUBLISHED = {
     "model": "LLaVA-NeXT-7B, POPE, one A800 (VisionZip paper)",

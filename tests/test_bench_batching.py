@@ -17,6 +17,7 @@ from PIL import Image
 from llava_token_reduction import bench
 from llava_token_reduction.bench import batching, measure
 
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
