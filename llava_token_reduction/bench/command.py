@@ -23,9 +23,10 @@ def register(subparsers) -> None:
         description=(
             f"Time stock LLaVA and the token reductions (rows: {', '.join(rows)}) on the same weights, image and "
             "prompt: vision tower, reduction, LM prefill, time to first token, decode, KV cache, peak memory, analytic "
-            "prefill FLOPs. Presets use the real LLaVA-1.5 widths with RANDOM weights (cut the depth with "
-            "--lm-layers / --vision-layers to fit a CPU); --model benchmarks a local checkpoint. Writes JSON, "
-            "a markdown table and a PNG plot."
+            "prefill FLOPs; then images/s, time to first token, padding and memory apart from the weights at every "
+            "--batch-sizes, next to the FLOP-predicted ratios. Presets use the real LLaVA-1.5 widths with RANDOM "
+            "weights (cut the depth with --lm-layers / --vision-layers to fit a CPU); --model benchmarks a "
+            "checkpoint (directory or hub id); --device cuda runs on a GPU. Writes JSON, markdown and PNG plots."
         ),
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5-7b",
