@@ -124,8 +124,9 @@ def render_batching(report: dict) -> list[str]:
         )
     lines += [
         "",
-        f"Memory per call, apart from the weights. Peak = {peak}: activations + KV cache, first (warm-up) run. "
-        "KV cache = bytes of the cache's key and value tensors after the prefill (padding included).",
+        f"Memory per call, apart from the weights. Peak = {peak}: activations + KV cache, "
+        + ("first (warm-up) run. " if report.get("warmup") else "first run (timed too: there was no warm-up). ")
+        + "KV cache = bytes of the cache's key and value tensors after the prefill (padding included).",
         "",
         "| method | B | weights MiB | KV cache MiB | KV cache MiB per image | peak (activations + KV) MiB "
         "| peak per image MiB |",
