@@ -49,7 +49,8 @@ def main(argv=None) -> None:
     processor = build_processor(shape)
     kwargs = llava_config_kwargs(shape, tokenizer=processor.tokenizer)
     torch.manual_seed(0)
-    budget = {"dominant_tokens": 54, "contextual_tokens": 10} if args.shape == "demo" else {"dominant_tokens": 10, "contextual_tokens": 4}
+    budget = ({"dominant_tokens": 54, "contextual_tokens": 10} if args.shape == "demo"
+              else {"dominant_tokens": 10, "contextual_tokens": 4})
     model = LlavaVisionZipForConditionalGeneration(LlavaVisionZipConfig(**kwargs, **budget)).eval()
     stock = LlavaForConditionalGeneration(LlavaConfig(**kwargs)).eval()
     stock.load_state_dict(model.state_dict())
@@ -100,12 +101,14 @@ def main(argv=None) -> None:
     print("|---|---|---|---|")
     print(f"| compaction bookkeeping (spans + compact ids/mask) | {book[0]:.3f} | {book[1]:.3f} | {book[2]:.3f} |")
     print(f"| LM prefill on the compact batch | {pre[0]:.2f} | {pre[1]:.2f} | {pre[2]:.2f} |")
-    print(f"| generate {new_tokens} tokens, ours (incl. vision + compaction) | {ours_ms[0]:.1f} | {ours_ms[1]:.1f} | {ours_ms[2]:.1f} |")
+    print(f"| generate {new_tokens} tokens, ours (incl. vision + compaction) | {ours_ms[0]:.1f} | {ours_ms[1]:.1f} "
+          f"| {ours_ms[2]:.1f} |")
     print(f"| generate {new_tokens} tokens, stock on the compact prompt (features given) | {reference_ms[0]:.1f} | "
           f"{reference_ms[1]:.1f} | {reference_ms[2]:.1f} |")
     print(f"bookkeeping / prefill = {100 * book[0] / pre[0]:.2f}% by medians, {100 * book[1] / pre[1]:.2f}% by minima "
           "(minima are steadier on a busy machine; target < 1%)")
-    print("per decode step the mechanism runs nothing and allocates nothing: the loop is stock generate on the compact prompt")
+    print("per decode step the mechanism runs nothing and allocates nothing: the loop is stock generate on the "
+          "compact prompt")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def test_tiny_run_reports_every_method_and_field(tiny_report):
     assert report["random_weights"] is True and "RANDOM" in report["notice"]
     rows = {row["method"]: row for row in report["methods"]}
     assert list(rows) == ["stock", "visionzip-192", "visionzip-128", "visionzip-64", "trim"]
-    assert [rows[name]["image_tokens"] for name in ("stock", "visionzip-192", "visionzip-128", "visionzip-64")] == [576, 192, 128, 64]
+    fixed = ("stock", "visionzip-192", "visionzip-128", "visionzip-64")
+    assert [rows[name]["image_tokens"] for name in fixed] == [576, 192, 128, 64]
     text_tokens = rows["stock"]["prefill_tokens"] - 576
     for name, row in rows.items():
         assert row["prefill_tokens"] == text_tokens + row["image_tokens"], name
@@ -61,14 +62,16 @@ def test_tiny_run_reports_every_method_and_field(tiny_report):
         shape = report["shape"]
         # fp32 keys and values: 2 · layers · tokens · kv heads · head dim · 4 bytes, after the prefill.
         head_dim = shape["lm_hidden"] // shape["lm_heads"]
-        assert row["kv_cache_bytes"] == 2 * shape["lm_layers"] * row["prefill_tokens"] * shape["lm_kv_heads"] * head_dim * 4
+        assert row["kv_cache_bytes"] == (
+            2 * shape["lm_layers"] * row["prefill_tokens"] * shape["lm_kv_heads"] * head_dim * 4)
         expected_flops = bench.lm_prefill_flops(
             row["prefill_tokens"], shape["lm_hidden"], shape["lm_intermediate"], shape["lm_layers"],
             shape["lm_heads"], shape["lm_kv_heads"], shape["lm_vocab"],
         )
         assert row["prefill_flops"] == expected_flops
-        assert row["prefill_speedup_predicted"] == pytest.approx(rows["stock"]["prefill_flops"]["total"] / expected_flops["total"])
-        assert row["prefill_speedup_fraction"] == pytest.approx(row["prefill_speedup_measured"] / row["prefill_speedup_predicted"])
+        predicted = rows["stock"]["prefill_flops"]["total"] / expected_flops["total"]
+        assert row["prefill_speedup_predicted"] == pytest.approx(predicted)
+        assert row["prefill_speedup_fraction"] == pytest.approx(row["prefill_speedup_measured"] / predicted)
     assert rows["trim"]["text_tower_ms"]["median"] > 0
     assert rows["stock"]["text_tower_ms"]["median"] == 0
     attention = report["attention_acquisition"]
@@ -122,7 +125,9 @@ def test_a_count_below_one_is_refused_by_name(option, capsys):
     assert f"{option} must be >= 1, got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("methods,reason", [("stock,vz64", "unknown method(s) vz64;"), (",", "--methods names no method;")])
+@pytest.mark.parametrize("methods,reason", [
+    ("stock,vz64", "unknown method(s) vz64;"), (",", "--methods names no method;"),
+])
 def test_bad_methods_are_named_with_the_choices(methods, reason, capsys):
     from llava_token_reduction.cli import main
 

@@ -30,15 +30,39 @@ projections + the CLS row only).
 The preset models have random weights: right shapes, meaningless outputs. Timing does not depend on the
 weights, except TRIM's kept-token count, which is adaptive and therefore arbitrary with random weights.
 
+Every row also runs at the batch sizes asked for (`--batch-sizes`, default 1, 4, 8) on different pictures:
+images per second, time to first token, the padding an adaptive count costs, memory apart from the weights,
+and the FLOP-predicted ratios next to the measured ones, over the same row at batch 1 (the released way) and
+over stock at the same batch size (`batching`). With `--device cuda` every clock reading waits for the GPU
+(`torch.cuda.synchronize`) and the memory is the allocator's peak; nothing of CUDA runs otherwise.
+
 The modules follow the seams: `shapes` (model widths, presets), `flops` (analytic FLOPs), `workloads` (rows,
-models on shared weights, inputs), `measure` (hooks, memory), `runner` (the interleaved runs and the derived
-figures), `report` (markdown, plot, JSON) and `command` (the command line).
+models on shared weights, inputs, batches), `measure` (hooks, clocks, memory), `batching` (the batch table's
+figures), `runner` (the interleaved runs and the derived figures), `report` (markdown, plot, JSON) and
+`command` (the command line).
 """
 
+from .batching import batch_rows, generate_flops, weights_bytes
 from .command import register, run
-from .flops import lm_prefill_flops, shape_flops, shape_prefill_flops, vision_tower_flops
-from .measure import PeakRSS, image_tokens_kept, kv_cache_bytes, measure_attention_acquisition, measure_generate
-from .report import render_markdown, render_plot, write_outputs
+from .flops import (
+    clip_text_tower_flops,
+    lm_prefill_flops,
+    projector_flops,
+    shape_flops,
+    shape_prefill_flops,
+    vision_tower_flops,
+)
+from .measure import (
+    CudaPeak,
+    PeakRSS,
+    clock_of,
+    image_tokens_kept,
+    kv_cache_bytes,
+    measure_attention_acquisition,
+    measure_generate,
+    memory_meter,
+)
+from .report import render_batch_plot, render_markdown, render_plot, write_outputs
 from .runner import RANDOM_WEIGHTS_NOTICE, figures, machine_info, run_benchmark
 from .shapes import PRESETS, BenchShape
 from .workloads import (
@@ -47,6 +71,7 @@ from .workloads import (
     SAMPLE_IMAGE,
     Method,
     Workload,
+    batch_images,
     build_checkpoint_workload,
     build_models,
     build_preset_workload,
@@ -54,9 +79,11 @@ from .workloads import (
 
 
 __all__ = [
-    "BenchShape", "DEFAULT_METHODS", "DEFAULT_QUESTION", "Method", "PRESETS", "PeakRSS", "RANDOM_WEIGHTS_NOTICE",
-    "SAMPLE_IMAGE", "Workload", "build_checkpoint_workload", "build_models", "build_preset_workload", "figures",
-    "image_tokens_kept", "kv_cache_bytes", "lm_prefill_flops", "machine_info", "measure_attention_acquisition",
-    "measure_generate", "register", "render_markdown", "render_plot", "run", "run_benchmark", "shape_flops",
-    "shape_prefill_flops", "vision_tower_flops", "write_outputs",
+    "batch_images", "batch_rows", "BenchShape", "build_checkpoint_workload", "build_models", "build_preset_workload",
+    "clip_text_tower_flops", "clock_of", "CudaPeak", "DEFAULT_METHODS", "DEFAULT_QUESTION", "figures",
+    "generate_flops", "image_tokens_kept", "kv_cache_bytes", "lm_prefill_flops", "machine_info",
+    "measure_attention_acquisition", "measure_generate", "memory_meter", "Method", "PeakRSS", "PRESETS",
+    "projector_flops", "RANDOM_WEIGHTS_NOTICE", "register", "render_batch_plot", "render_markdown", "render_plot",
+    "run", "run_benchmark", "SAMPLE_IMAGE", "shape_flops", "shape_prefill_flops", "vision_tower_flops",
+    "weights_bytes", "Workload", "write_outputs",
 ]

@@ -47,10 +47,60 @@ class PeakRSS:
         return False
 
 
-class _Stopwatch:
-    """Forward pre/post hooks that record `perf_counter` spans of named modules, removed on exit."""
+class CudaPeak:
+    """Peak CUDA memory allocated on `device` above what was allocated at entry (the weights and inputs), from
+    the caching allocator's own statistics (`reset_peak_memory_stats`, `max_memory_allocated`): activations,
+    KV cache and temporaries, not the weights nor the allocator's reserved-but-free blocks."""
 
-    def __init__(self, modules: dict):
+    def __init__(self, device):
+        self.device = device
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.baseline = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.baseline
+        return False
+
+
+def memory_meter(device):
+    """The peak-memory meter of `device`: `CudaPeak` on a GPU, `PeakRSS` (the process) on the CPU."""
+    return CudaPeak(device) if getattr(device, "type", device) == "cuda" else PeakRSS()
+
+
+def clock_of(device):
+    """A `perf_counter` reading that is honest on `device`: on a GPU the queued kernels are waited for first
+    (`torch.cuda.synchronize`), so a span covers the work and not only its launch. Nothing CUDA runs otherwise."""
+    if getattr(device, "type", device) != "cuda":
+        return time.perf_counter
+    import torch
+
+    def now():
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return now
+
+
+def model_device(model):
+    """The device of `model`'s vision tower (where `generate` starts)."""
+    return next(model.model.vision_tower.parameters()).device
+
+
+class _Stopwatch:
+    """Forward pre/post hooks that record `clock` spans of named modules, removed on exit."""
+
+    def __init__(self, modules: dict, clock=time.perf_counter):
+        self.clock = clock
         self.modules = {name: module for name, module in modules.items() if module is not None}
         self.spans = {name: [] for name in self.modules}
         self._handles = []
@@ -63,13 +113,13 @@ class _Stopwatch:
 
     def _pre(self, name):
         def hook(module, args):
-            self.spans[name].append([time.perf_counter(), None])
+            self.spans[name].append([self.clock(), None])
 
         return hook
 
     def _post(self, name):
         def hook(module, args, output):
-            self.spans[name][-1][1] = time.perf_counter()
+            self.spans[name][-1][1] = self.clock()
 
         return hook
 
@@ -97,14 +147,27 @@ def kv_cache_bytes(cache) -> int:
 _FEATURE_ENTRY_MODULES = ("text_tower", "vision")
 
 
+def _cache_of(output):
+    """The cache of a language-model output: `cache` since transformers 5.24 (`past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def measure_generate(model, inputs: dict, new_tokens: int, with_memory: bool = False) -> dict:
     """One `generate` call with `new_tokens` new tokens, timed piece by piece (see the package docstring).
 
     Only forward hooks are added (and removed on exit); the model's methods are left alone. The image-feature
     span runs from the first of the towers starting to the projector finishing, so `reduction_ms` (that span
-    minus the vision tower and the projector) is everything the method adds between them."""
+    minus the vision tower and the projector) is everything the method adds between them. On a GPU every
+    reading waits for the queued kernels first (`clock_of`) and the memory is the allocator's peak (`CudaPeak`).
+
+    Also returned: the language model's prefill input as it ran (`prefill_tokens` positions per row,
+    `prefill_row_tokens` of them attended in each row, the rest left padding), and the KV-cache bytes
+    after the prefill, from the cache's tensors."""
     import torch
 
+    device = model_device(model)
+    clock = clock_of(device)
     inner = model.model
     watched = {
         "vision": inner.vision_tower,
@@ -117,19 +180,23 @@ def measure_generate(model, inputs: dict, new_tokens: int, with_memory: bool = F
 
     def remember_cache(module, args, kwargs, output):
         if "bytes" not in kv_bytes:
-            kv_bytes["bytes"] = kv_cache_bytes(getattr(output, "cache", None))
+            kv_bytes["bytes"] = kv_cache_bytes(_cache_of(output))
             embeds = kwargs.get("inputs_embeds")
-            kv_bytes["tokens"] = int(embeds.shape[1]) if embeds is not None else int(kwargs["input_ids"].shape[1])
+            batch, positions = (embeds if embeds is not None else kwargs["input_ids"]).shape[:2]
+            kv_bytes["tokens"] = int(positions)
+            mask = kwargs.get("attention_mask")
+            rows = mask.sum(dim=1).tolist() if mask is not None and mask.dim() == 2 else [positions] * batch
+            kv_bytes["row_tokens"] = [int(n) for n in rows]
 
     cache_hook = inner.language_model.register_forward_hook(remember_cache, with_kwargs=True)
-    memory = PeakRSS() if with_memory else contextlib.nullcontext()
+    memory = memory_meter(device) if with_memory else contextlib.nullcontext()
     try:
-        with _Stopwatch(watched) as watch, memory, torch.inference_mode():
-            start = time.perf_counter()
+        with _Stopwatch(watched, clock) as watch, memory, torch.inference_mode():
+            start = clock()
             output = model.generate(
                 **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             )
-            end = time.perf_counter()
+            end = clock()
     finally:
         cache_hook.remove()
     head_ends = [span[1] for span in watch.spans["head"]]
@@ -150,6 +217,8 @@ def measure_generate(model, inputs: dict, new_tokens: int, with_memory: bool = F
         "decode_ms_per_token": 1000 * statistics.median(steps) if steps else float("nan"),
         "total_ms": 1000 * (end - start),
         "prefill_tokens": kv_bytes.get("tokens"),
+        "prefill_row_tokens": kv_bytes.get("row_tokens"),
+        "batch": int(inputs["input_ids"].shape[0]),
         "kv_cache_bytes": kv_bytes.get("bytes"),
         "new_tokens": int(output.shape[1] - inputs["input_ids"].shape[1]),
     }
@@ -207,12 +276,14 @@ def measure_attention_acquisition(model, pixel_values, with_memory: bool = False
         finally:
             tower.set_attn_implementation(previous)
 
+    device = model_device(model)
+    clock = clock_of(device)
     for name, run in (("ours_sdpa_hooks", ours), ("released_eager_all_maps", released)):
-        memory = PeakRSS() if with_memory else contextlib.nullcontext()
+        memory = memory_meter(device) if with_memory else contextlib.nullcontext()
         with memory, torch.inference_mode():
-            start = time.perf_counter()
+            start = clock()
             info = run()
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
         results[name] = {"ms": 1000 * elapsed, **info}
         if with_memory:
             results[name]["peak_memory_bytes"] = memory.peak_bytes

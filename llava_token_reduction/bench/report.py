@@ -33,7 +33,10 @@ def render_markdown(report: dict) -> str:
         f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
         f"torch threads {machine['torch_threads']}, {machine['memory_gib']} GiB; torch {machine['torch']}, "
         f"transformers {machine['transformers']}; load average {machine['load_average_at_start'][0]:.1f} at start, "
-        f"{machine['load_average_at_end'][0]:.1f} at end.",
+        f"{machine['load_average_at_end'][0]:.1f} at end"
+        + (f" ({', '.join(f'{v:.1f}' for v in machine['load_average_per_round'])} after each round)"
+           if machine.get("load_average_per_round") else "") + ".",
+        f"Device {report.get('device', 'cpu')}, attention {report.get('attn_implementation', {})}.",
         f"Median (min–max) of {report['repeats']} interleaved runs after {report['warmup']} warm-up; times in ms.",
         "",
         "| method | image tokens | LM tokens | vision | reduction | (CLIP text tower) | LM prefill | TTFT "
@@ -80,9 +83,63 @@ def render_markdown(report: dict) -> str:
         "fraction = measured speed-up / FLOP-predicted speed-up over stock. Peak memory: RSS above the level before "
         "the call (warm-up run), weights excluded.",
     ]
+    lines += render_batching(report)
     for note in report["notes"]:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(row: dict, key: str) -> str:
+    return f"{row[key]:.2f}×" if row.get(key) is not None else "–"
+
+
+def render_batching(report: dict) -> list[str]:
+    """The throughput and memory tables of the batch sweep (`bench.batching`), as markdown lines."""
+    cells = report.get("batching") or []
+    if not cells:
+        return []
+    device = report.get("device", "cpu")
+    peak = ("CUDA allocator peak above the weights and inputs (`max_memory_allocated`)" if device.startswith("cuda")
+            else "process RSS above its level before the call, sampled every ms (allocator slack included)")
+    lines = [
+        "",
+        f"Throughput under batching ({device}): one `generate` call of B different pictures, "
+        f"{report['new_tokens']} new tokens each. images/s = B / the call's wall time; \"vs released\" = over the "
+        "same row at batch 1 (the released code's way: one image at a time); \"vs stock\" = over stock LLaVA at "
+        "the same B; predicted = from the call's analytic FLOPs (vision, text tower, projector, prefill, decode; "
+        "padding included). Padding = left-padding share of the LM prefill positions.",
+        "",
+        "| method | B | image tokens per image | images/s | TTFT ms | vs released measured | predicted "
+        "| vs stock measured | predicted | padding |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in cells:
+        tokens = sorted(row["image_tokens_per_image"])
+        spread = str(tokens[0]) if tokens[0] == tokens[-1] else f"{tokens[0]}–{tokens[-1]}"
+        lines.append(
+            f"| {row['method']} | {row['batch']} | {spread} | {_ms(row['images_per_s'], 3)} | {_ms(row['ttft_ms'])} "
+            f"| {_ratio(row, 'vs_released_measured')} | {_ratio(row, 'vs_released_predicted')} "
+            f"| {_ratio(row, 'vs_stock_measured')} | {_ratio(row, 'vs_stock_predicted')} "
+            f"| {100 * row['padding_fraction']:.1f}% |"
+        )
+    lines += [
+        "",
+        f"Memory per call, apart from the weights. Peak = {peak}: activations + KV cache, "
+        + ("first (warm-up) run. " if report.get("warmup") else "first run (timed too: there was no warm-up). ")
+        + "KV cache = bytes of the cache's key and value tensors after the prefill (padding included).",
+        "",
+        "| method | B | weights MiB | KV cache MiB | KV cache MiB per image | peak (activations + KV) MiB "
+        "| peak per image MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in cells:
+        batch, peak_bytes = row["batch"], row.get("peak_memory_bytes")
+        lines.append(
+            f"| {row['method']} | {batch} | {_mib(row['weights_bytes'])} | {_mib(row['kv_cache_bytes'])} "
+            f"| {_mib(row['kv_cache_bytes'] / batch)} | {_mib(peak_bytes)} "
+            f"| {_mib(None if peak_bytes is None else peak_bytes / batch)} |"
+        )
+    return lines
 
 
 def render_plot(report: dict, path) -> None:
@@ -130,6 +187,42 @@ def render_plot(report: dict, path) -> None:
     plt.close(fig)
 
 
+def render_batch_plot(report: dict, path) -> None:
+    """Images per second against the batch size, one line per row, and the peak memory per image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = report["batching"]
+    names = list(dict.fromkeys(cell["method"] for cell in cells))
+    fig, (ax_rate, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for name in names:
+        mine = sorted((c for c in cells if c["method"] == name), key=lambda c: c["batch"])
+        sizes = [c["batch"] for c in mine]
+        (line,) = ax_rate.plot(sizes, [c["images_per_s"]["median"] for c in mine], marker="o", label=name)
+        colour = line.get_color()
+        peaks = [c["peak_memory_bytes"] / c["batch"] / 2**20 if c.get("peak_memory_bytes") is not None else None
+                 for c in mine]
+        if all(p is not None for p in peaks):
+            ax_memory.plot(sizes, peaks, marker="o", color=colour, label=name)
+        ax_memory.plot(sizes, [c["kv_cache_bytes"] / c["batch"] / 2**20 for c in mine], linestyle=":",
+                       marker=".", color=colour)
+    for ax in (ax_rate, ax_memory):
+        ax.set_xlabel("batch size (images per generate call)")
+        ax.set_xticks(sorted({c["batch"] for c in cells}))
+        ax.legend(fontsize=8)
+    ax_rate.set_ylabel("images / s (median)")
+    ax_rate.set_title("Throughput")
+    ax_memory.set_ylabel("MiB per image")
+    ax_memory.set_title("Peak activations + KV (solid), KV cache (dotted); weights apart")
+    note = "RANDOM WEIGHTS — " if report["random_weights"] else ""
+    fig.suptitle(f"{note}{report['source']}, {report['dtype']}, {report.get('device', 'cpu')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_outputs(report: dict, out_dir, stem: str = "bench") -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,5 +230,8 @@ def write_outputs(report: dict, out_dir, stem: str = "bench") -> dict:
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     paths["markdown"].write_text(render_markdown(report))
     render_plot(report, paths["png"])
+    if len({cell["batch"] for cell in report.get("batching") or []}) > 1:
+        paths["batch_png"] = out_dir / f"{stem}-batching.png"
+        render_batch_plot(report, paths["batch_png"])
     return paths
 

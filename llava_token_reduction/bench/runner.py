@@ -7,9 +7,10 @@ import statistics
 from dataclasses import asdict
 
 from .. import methods as registry
+from .batching import batch_rows, cell_figures
 from .flops import shape_prefill_flops, vision_tower_flops
 from .measure import image_tokens_kept, measure_attention_acquisition, measure_generate
-from .workloads import STOCK, Workload
+from .workloads import STOCK, Workload, batch_images
 
 
 RANDOM_WEIGHTS_NOTICE = (
@@ -49,6 +50,12 @@ def machine_info() -> dict:
         "memory_gib": memory_gib, "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__,
     }
+
+
+def _attention_implementations(model) -> dict:
+    """The attention implementation the vision tower and the language model run with."""
+    return {"vision": model.model.vision_tower.config._attn_implementation,
+            "language_model": model.model.language_model.config._attn_implementation}
 
 
 def _method_of(model):
@@ -131,34 +138,51 @@ def figures(rows: list[dict], workload: Workload) -> list[dict]:
 
 
 def run_benchmark(workload: Workload, repeats: int = 3, warmup: int = 1, new_tokens: int = 8,
-                  attention_comparison: bool = True, log=print) -> dict:
-    """Run every method `warmup + repeats` times (interleaved) and summarise. Returns the JSON-able report."""
+                  attention_comparison: bool = True, log=print, batch_sizes=(1,), image=None) -> dict:
+    """Run every method `warmup + repeats` times at every batch size (interleaved: round by round, in each round
+    every batch size, in each every row) and summarise. Batch 1 runs on the workload's inputs; a batch of `B`
+    on `B` pictures made from `image` (`batch_images`; batch 1 is always run: it is the released way). The
+    first round measures peak memory too. Returns the JSON-able report."""
     from tqdm.auto import tqdm
 
     shape = workload.shape
     load_at_start = os.getloadavg()
     names = list(workload.models)
-    runs = {name: [] for name in names}
+    batch_sizes = sorted({1, *batch_sizes})
+    batches = {1: workload.inputs}
+    for size in batch_sizes[1:]:
+        if image is None:
+            raise ValueError("batch sizes above 1 need the image the batches are made from (image=...)")
+        batches[size] = workload.batch(batch_images(image, size))
+    cells = {(name, size): {"runs": []} for size in batch_sizes for name in names}
+    runs = {name: cells[name, 1]["runs"] for name in names}
     memory = {}
+    load_per_round = []  # 1-minute load average after each round: how busy the machine was while it ran
     kept = {name: image_tokens_kept(workload.models[name], workload.inputs[name]) for name in names}
-    progress = tqdm(total=(warmup + repeats) * len(names), desc="bench", unit="run", disable=log is not print)
+    progress = tqdm(total=(warmup + repeats) * len(cells), desc="bench", unit="run", disable=log is not print)
     if log is print:
         log = progress.write  # keeps the progress bar below the lines
     for round_index in range(warmup + repeats):
         timed = round_index >= warmup
-        for name in names:
-            result = measure_generate(
-                workload.models[name], workload.inputs[name], new_tokens, with_memory=(round_index == 0)
-            )
-            progress.update()
-            if round_index == 0:
-                memory[name] = result.get("peak_memory_bytes")
-            if timed:
-                runs[name].append(result)
-            log(f"  {'run ' + str(round_index - warmup + 1) if timed else 'warm-up'} {name}: "
-                f"vision {result['vision_ms']:.0f} ms, reduction {result['reduction_ms']:.1f} ms, "
-                f"prefill {result['prefill_ms']:.0f} ms ({result['prefill_tokens']} tokens), "
-                f"TTFT {result['ttft_ms']:.0f} ms")
+        for size in batch_sizes:
+            for name in names:
+                cell = cells[name, size]
+                result = measure_generate(
+                    workload.models[name], batches[size][name], new_tokens, with_memory=(round_index == 0)
+                )
+                progress.update()
+                if round_index == 0:
+                    cell.update(cell_figures(workload, name, batches[size][name], result))
+                    cell["peak_memory_bytes"] = result.get("peak_memory_bytes")
+                    if size == 1:
+                        memory[name] = result.get("peak_memory_bytes")
+                if timed:
+                    cell["runs"].append(result)
+                log(f"  {'run ' + str(round_index - warmup + 1) if timed else 'warm-up'} {name} batch {size}: "
+                    f"vision {result['vision_ms']:.0f} ms, reduction {result['reduction_ms']:.1f} ms, "
+                    f"prefill {result['prefill_ms']:.0f} ms ({result['prefill_tokens']} tokens), "
+                    f"TTFT {result['ttft_ms']:.0f} ms, total {result['total_ms']:.0f} ms")
+        load_per_round.append(os.getloadavg()[0])
     progress.close()
     rows = _rows(workload, runs, kept, memory)
 
@@ -179,11 +203,16 @@ def run_benchmark(workload: Workload, repeats: int = 3, warmup: int = 1, new_tok
         "vision_tower_flops": vision_tower_flops(shape),
         "dtype": str(next(iter(workload.models.values())).dtype).replace("torch.", ""),
         "batch": 1,
+        "batch_sizes": batch_sizes,
+        "device": str(workload.device),
+        "attn_implementation": _attention_implementations(next(iter(workload.models.values()))),
         "repeats": repeats,
         "warmup": warmup,
         "new_tokens": new_tokens,
-        "machine": {**machine_info(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
+        "machine": {**machine_info(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
+                    "load_average_per_round": load_per_round},
         "methods": rows,
+        "batching": batch_rows(cells, _summary),
         "attention_acquisition": attention,
         "figures": figures(rows, workload),
         "notes": list(workload.notes),

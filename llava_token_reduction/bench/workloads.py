@@ -3,6 +3,7 @@ weights, and the inputs each row gets."""
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from .. import methods as registry
 from .shapes import BenchShape
@@ -105,27 +106,82 @@ def build_models(base, methods) -> dict:
 
 @dataclass
 class Workload:
-    """The models, their inputs and a description of where they came from."""
+    """The models, their inputs and a description of where they came from. `make_inputs(images)` builds a
+    batch of `len(images)` prompts, one image each (the question of the run), for every row; `batch` places it
+    on the models' device and dtype."""
 
     shape: BenchShape
     models: dict
-    inputs: dict  # method name -> generate kwargs
+    inputs: dict  # method name -> generate kwargs (one image)
     random_weights: bool
     source: str
     notes: list = field(default_factory=list)
+    make_inputs: Callable | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def batch(self, images) -> dict:
+        """Method name -> generate kwargs of a batch of `images`, on the models' device (pixels in their dtype)."""
+        if self.make_inputs is None:
+            raise ValueError("this workload has no processor to build batches with")
+        rows = self.make_inputs(images)
+        return {name: place_inputs(inputs, self.device, self.dtype) for name, inputs in rows.items()}
 
 
-def _clip_rows(clip_tokenizer, question: str):
-    """The question as CLIP token rows (padded to CLIP's 77 positions), the per-image inputs of the methods
-    that need CLIP's text tower."""
+def place_inputs(inputs: dict, device: str, dtype: str) -> dict:
+    """`inputs` on `device`, floating-point tensors (the pixels) in `dtype`."""
+    import torch
+
+    placed = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device=device, dtype=getattr(torch, dtype) if value.is_floating_point() else None)
+        placed[key] = value
+    return placed
+
+
+def batch_images(image, count: int) -> list:
+    """`count` different pictures made from `image` (flips, quarter turns, crops), deterministic, so that a
+    batch is not `count` copies of one picture and an adaptive count (TRIM) can differ between its rows."""
+    from PIL import Image
+
+    width, height = image.size
+    variants = [
+        lambda im: im,
+        lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        lambda im: im.transpose(Image.Transpose.ROTATE_180),
+        lambda im: im.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
+        lambda im: im.crop((0, 0, width * 2 // 3, height * 2 // 3)),
+        lambda im: im.crop((width // 3, 0, width, height * 2 // 3)),
+        lambda im: im.crop((0, height // 3, width * 2 // 3, height)),
+        lambda im: im.crop((width // 3, height // 3, width, height)),
+    ]
+    pictures = []
+    for index in range(count):
+        picture = variants[index % len(variants)](image)
+        if index >= len(variants):  # past the eight variants: a quarter turn of them
+            picture = picture.transpose(Image.Transpose.ROTATE_90)
+        pictures.append(picture)
+    return pictures
+
+
+def _clip_rows(clip_tokenizer, question: str, images: int = 1):
+    """The question as CLIP token rows (padded to CLIP's 77 positions), one per image: the per-image inputs of
+    the methods that need CLIP's text tower."""
     encoded = clip_tokenizer(
-        [question], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        [question] * images, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     )
     return {"clip_input_ids": encoded["input_ids"], "clip_attention_mask": encoded["attention_mask"]}
 
 
 def _prompt(question: str) -> str:
     return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def _processed(processor, images, question: str) -> dict:
+    """The stock processor's inputs of one prompt per image (left-padded by the tokenizer if they differ)."""
+    images = list(images)
+    return dict(processor(images=images, text=[_prompt(question)] * len(images), padding=True, return_tensors="pt"))
 
 
 def _row_inputs(methods, stock_inputs: dict, side_inputs: dict) -> dict:
@@ -146,8 +202,21 @@ def _text_tower_method():
     return next(method for method in registry.METHODS.values() if method.needs_clip_text_tower)
 
 
-def build_preset_workload(shape: BenchShape, image, question: str, methods, seed: int = 0) -> Workload:
-    """Random-weight models of `shape` (built locally from configs) and the processed inputs."""
+def _keep_fp32_modules(model) -> None:
+    """Put the modules a class keeps in fp32 (`_keep_in_fp32_modules_strict`, TRIM's scoring modules) back to fp32
+    after a half-precision build, as `from_pretrained` leaves them."""
+    for module in list(model.modules()):
+        for name in getattr(module, "_keep_in_fp32_modules_strict", None) or ():
+            try:
+                module.get_submodule(name).float()
+            except AttributeError:  # the outer class repeats its inner model's list, relative to the inner model
+                continue
+
+
+def build_preset_workload(shape: BenchShape, image, question: str, methods, seed: int = 0, device: str = "cpu",
+                          dtype: str = "float32", attn_implementation: str | None = None) -> Workload:
+    """Random-weight models of `shape` (built locally from configs) on `device` in `dtype`, with
+    `attn_implementation` (default sdpa) everywhere, and the processed inputs."""
     import torch
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
@@ -172,31 +241,52 @@ def build_preset_workload(shape: BenchShape, image, question: str, methods, seed
     # One base with CLIP's text tower too, so that every row can run on its weights.
     base_method = _text_tower_method()
     torch.manual_seed(seed)
-    base = base_method.generation_class(
-        base_method.config_class(**common, clip_text_config=clip_text, projection_dim=shape.projection_dim)
-    ).eval()
+    config = base_method.config_class(**common, clip_text_config=clip_text, projection_dim=shape.projection_dim)
+    # Built on the device in the dtype: a 7B-width preset is never materialised in fp32 on the host first.
+    with torch.device(device):
+        base = base_method.generation_class._from_config(
+            config, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+        ).eval()
+    _keep_fp32_modules(base)
     models = build_models(base, methods)
-    stock_inputs = dict(processor(images=image, text=_prompt(question), return_tensors="pt"))
-    inputs = _row_inputs(methods, stock_inputs, _clip_rows(clip_tokenizer, question))
-    return Workload(shape, models, inputs, random_weights=True, source=f"preset {shape.name}")
+
+    def make_inputs(images):
+        stock_inputs = _processed(processor, images, question)
+        return _row_inputs(methods, stock_inputs, _clip_rows(clip_tokenizer, question, len(images)))
+
+    workload = Workload(shape, models, {}, random_weights=True, source=f"preset {shape.name}",
+                        make_inputs=make_inputs, device=device, dtype=dtype)
+    workload.inputs = workload.batch([image])
+    return workload
 
 
-def build_checkpoint_workload(path: str, image, question: str, methods, dtype: str = "float32") -> Workload:
-    """Models on a local checkpoint: stock LLaVA or any registered method (rows of methods that need CLIP's text
-    tower need a checkpoint of such a method, which carries it)."""
+def build_checkpoint_workload(path: str, image, question: str, methods, dtype: str = "float32", device: str = "cpu",
+                              attn_implementation: str | None = None) -> Workload:
+    """Models on a checkpoint, a local directory or a hub id (read through the hub cache as `from_pretrained`
+    does): stock LLaVA or any registered method, loaded in `dtype` straight onto `device`, with
+    `attn_implementation` (default: transformers' choice, sdpa). Rows of methods that need CLIP's text tower
+    need a checkpoint of such a method, which carries it; they are skipped with a note otherwise."""
     import torch
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
     from ..tiny import build_clip_tokenizer
 
     config = AutoConfig.from_pretrained(path)
-    torch_dtype = getattr(torch, dtype)
-    notes = []
     own = registry.for_model_type(config.model_type)
+    if own is None and config.model_type != "llava":
+        known = ", ".join(["llava", *(method.model_type for method in registry.METHODS.values())])
+        raise ValueError(f"{path} is a {config.model_type!r} checkpoint; bench loads model types {known} (LLaVA-NeXT "
+                         "checkpoints need the LLaVA-NeXT classes, not in this version yet)")
+    load = {"dtype": getattr(torch, dtype)}
+    if device != "cpu":
+        load["device_map"] = {"": device}
+    if attn_implementation is not None:
+        load["attn_implementation"] = attn_implementation
+    notes = []
     if own is not None and own.needs_clip_text_tower:
-        base = own.generation_class.from_pretrained(path, dtype=torch_dtype).eval()
+        base = own.generation_class.from_pretrained(path, **load).eval()
     else:
-        base = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
+        base = LlavaForConditionalGeneration.from_pretrained(path, **load).eval()
         lacking = {m.kind: m.reduction for m in methods
                    if m.reduction is not None and m.reduction.needs_clip_text_tower}
         for reduction in lacking.values():
@@ -222,12 +312,17 @@ def build_checkpoint_workload(path: str, image, question: str, methods, dtype: s
     models = build_models(base, methods)
     # A processor of a text-tower method also returns the per-image inputs: keep them for their rows only.
     side_names = {name for method in registry.METHODS.values() for name in method.side_inputs}
-    processed = dict(processor(images=image, text=_prompt(question), return_tensors="pt"))
-    stock_inputs = {key: value for key, value in processed.items() if key not in side_names}
-    stock_inputs["pixel_values"] = stock_inputs["pixel_values"].to(torch_dtype)
-    side_inputs = {}
+    clip_tokenizer = None
     if _needs_text_tower(methods):
         clip_tokenizer = getattr(processor, "clip_tokenizer", None) or build_clip_tokenizer()
-        side_inputs = _clip_rows(clip_tokenizer, question)
-    inputs = _row_inputs(methods, stock_inputs, side_inputs)
-    return Workload(shape, models, inputs, random_weights=False, source=str(path), notes=notes)
+
+    def make_inputs(images):
+        processed = _processed(processor, images, question)
+        stock_inputs = {key: value for key, value in processed.items() if key not in side_names}
+        side_inputs = _clip_rows(clip_tokenizer, question, len(images)) if clip_tokenizer is not None else {}
+        return _row_inputs(methods, stock_inputs, side_inputs)
+
+    workload = Workload(shape, models, {}, random_weights=False, source=str(path), notes=notes,
+                        make_inputs=make_inputs, device=device, dtype=dtype)
+    workload.inputs = workload.batch([image])
+    return workload
