@@ -6,7 +6,12 @@ crops to the tiny crop size, a stock `LlavaNextProcessor` (with the offline byte
 """
 
 import torch
-from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
+from transformers import (
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+)
 
 from .tiny import LLAVA_CHAT_TEMPLATE, TEST_SHAPE, TinyShape, build_llm_tokenizer, llava_config_kwargs
 

@@ -41,7 +41,9 @@ def image_size_pairs(image_sizes) -> list[tuple[int, int]]:
     if hasattr(image_sizes, "tolist"):
         image_sizes = image_sizes.tolist()
     if not isinstance(image_sizes, (list, tuple)):
-        raise TypeError(f"`image_sizes` must be a [num_images, 2] tensor or list of (height, width), got {image_sizes!r}")
+        raise TypeError(
+            f"`image_sizes` must be a [num_images, 2] tensor or list of (height, width), got {image_sizes!r}"
+        )
     pairs = []
     for index, size in enumerate(image_sizes):
         if not isinstance(size, (list, tuple)) or len(size) != 2:
@@ -194,7 +196,8 @@ def released_layout(
     contextual = per_crop - 1 - kept_patches.shape[1]
     if kept_patches.shape[0] != crops or contextual < 0:
         raise ValueError(
-            f"kept patches of shape {list(kept_patches.shape)} do not match reduced crops of shape {list(crop_tokens.shape)}"
+            f"kept patches of shape {list(kept_patches.shape)} do not match reduced crops of shape "
+            f"{list(crop_tokens.shape)}"
         )
     order = released_order(kept_patches, grid, patches_per_side, contextual).to(crop_tokens.device)
     return crop_tokens.reshape(crops * per_crop, width).index_select(0, order)

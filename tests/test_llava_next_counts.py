@@ -1,5 +1,6 @@
 """LLaVA-NeXT model-side counts: each image's stock placeholder count and crop count from `image_sizes` and the
-config, checked against the stock `LlavaNextProcessor` loaded from files shaped like llava-hf/llava-v1.6-vicuna-7b-hf's."""
+config, checked against the stock `LlavaNextProcessor` loaded from files shaped like
+llava-hf/llava-v1.6-vicuna-7b-hf's."""
 
 import json
 import random
@@ -90,8 +91,9 @@ KNOWN = {(672, 672): (2928, (2, 2)), (480, 640): (2340, (2, 2)), (336, 672): (17
 @pytest.fixture(scope="module")
 def published_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("llava-v1.6-vicuna-7b-hf")
-    for name, content in (("config.json", PUBLISHED_CONFIG), ("preprocessor_config.json", PUBLISHED_PREPROCESSOR_CONFIG),
-                          ("processor_config.json", PUBLISHED_PROCESSOR_CONFIG)):
+    files = {"config.json": PUBLISHED_CONFIG, "preprocessor_config.json": PUBLISHED_PREPROCESSOR_CONFIG,
+             "processor_config.json": PUBLISHED_PROCESSOR_CONFIG}
+    for name, content in files.items():
         (directory / name).write_text(json.dumps(content, indent=2))
     build_llm_tokenizer().save_pretrained(directory)
     return directory
