@@ -65,7 +65,7 @@ class LlavaNextVisionZipConfig(FieldCheckedConfig, LlavaNextConfig):
         super().__post_init__(**kwargs)
         self.validate_token_reduction()
 
-    # No `tokens_per_image`: the count depends on each image's grid (TRANSFORMERS.md §13).
+    # No `tokens_per_image`: the count depends on each image's grid (docs/llava_next.md).
     @property
     def tokens_per_crop(self) -> int:
         """Tokens the language model sees per crop (base image or grid crop) after reduction."""

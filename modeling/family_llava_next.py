@@ -2,7 +2,7 @@
 
 Pure functions of image sizes, config values and tensors; they know nothing about the reduction method, which
 only promises `tokens_per_crop` tokens per crop laid out `[CLS, dominant patches (raster), contextual]`
-(ALGORITHMS.md §1.5, TRANSFORMERS.md §13).
+(docs/llava_next.md).
 
     image (h, w) -> select_best_resolution against image_grid_pinpoints -> canvas rows·crop x cols·crop
       -> crops: base (whole image squashed to one crop) + G = rows·cols grid crops, row-major
@@ -59,7 +59,7 @@ def image_size_pairs(image_sizes) -> list[tuple[int, int]]:
 def anyres_grid(size: tuple[int, int], pinpoints, crop_size: int) -> tuple[int, int]:
     """(rows, cols) of grid crops for an image of original `size` (height, width): transformers' choice of canvas
     (`select_best_resolution`, both read as (height, width)) divided by the crop size. For small images this is
-    transformers' grid, which the stock processor used to make the pixels (TRANSFORMERS.md §13)."""
+    transformers' grid, which the stock processor used to make the pixels."""
     canvas_height, canvas_width = select_best_resolution(list(size), [list(pair) for pair in pinpoints])
     return canvas_height // crop_size, canvas_width // crop_size
 

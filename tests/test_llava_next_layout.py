@@ -1,5 +1,5 @@
-"""The released LLaVA-NeXT layout of reduced crops, against a loop reference written from ALGORITHMS.md §1.5, on
-integer-valued features so that the exact order is checked."""
+"""The released LLaVA-NeXT layout of reduced crops, against a loop reference written from the layout's description
+(docs/llava_next.md), on integer-valued features so that the exact order is checked."""
 
 import random
 
