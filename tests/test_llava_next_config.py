@@ -1,7 +1,10 @@
 """`LlavaNextVisionZipConfig` (per-crop budget, validation as LLaVA-1.5's VisionZip config) and the per-image
 budget check that runs before the vision tower."""
 
+import json
+
 import pytest
+from llava_next_published import save_published_files
 from transformers import LlavaNextConfig
 
 from llava_token_reduction.configuration.configuration_llava_next_visionzip import LlavaNextVisionZipConfig
@@ -31,6 +34,19 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.image_grid_pinpoints == llava_next_config_kwargs()["image_grid_pinpoints"]
     with pytest.raises(ValueError, match="contextual_tokens"):
         LlavaNextVisionZipConfig.from_pretrained(tmp_path, contextual_tokens=-1)  # load-time override
+
+
+def test_the_published_config_takes_the_budget_at_load_time(tmp_path):
+    (tmp_path / "stock").mkdir()
+    source = save_published_files(tmp_path / "stock", with_tokenizer=False)
+    config = LlavaNextVisionZipConfig.from_pretrained(source, dominant_tokens=27, contextual_tokens=5)
+    assert config.tokens_per_crop == 32 and config.image_grid_pinpoints == PUBLISHED_PINPOINTS
+    assert config.vision_config.image_size == 336 and config.vision_config.patch_size == 14
+    config.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert (saved["model_type"], saved["dominant_tokens"], saved["contextual_tokens"]) == (
+        "llava_next_visionzip", 27, 5
+    )
 
 
 @pytest.mark.parametrize(
