@@ -157,7 +157,8 @@ def released_order(
 
     Args:
         kept_patches: `[1 + G, d - 1]` long, each crop's kept (non-CLS dominant) patch indices in `0..S²-1`,
-            in the order the crop's dominant tokens are stored (raster order).
+            in the order the crop's dominant tokens are stored (raster order); from VisionZip's kept sequence
+            positions `kept` `[1 + G, d]` (CLS at position 0) that is `kept[:, 1:] - 1`.
         grid: (rows, cols) with `rows · cols = G`.
         patches_per_side: `S`.
         contextual_tokens: `c`.
