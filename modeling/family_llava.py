@@ -67,9 +67,8 @@ class ReducedLlavaModel(ReducedLlavaModelMixin, LlavaModel):
         family's bookkeeping out of `kwargs` (`image_sizes`, which generate passes for every LLaVA family, is not a
         tower input here); what stays in `kwargs` goes to the vision tower."""
         kwargs.pop("image_sizes", None)
-        crops = as_pixel_batch(
-            pixel_values, self.config.vision_config, interpolate_pos_encoding=bool(kwargs.get("interpolate_pos_encoding"))
-        )
+        interpolate = bool(kwargs.get("interpolate_pos_encoding"))
+        crops = as_pixel_batch(pixel_values, self.config.vision_config, interpolate_pos_encoding=interpolate)
         return crops, torch.arange(crops.shape[0])
 
     def image_placeholder_counts(self, pixel_values, **side_inputs) -> list[int]:
@@ -129,7 +128,9 @@ class ReducedLlavaModel(ReducedLlavaModelMixin, LlavaModel):
         )
 
 
-class ReducedLlavaForConditionalGeneration(ReducedCheckpointMixin, ReducedGenerationMixin, LlavaForConditionalGeneration):
+class ReducedLlavaForConditionalGeneration(
+    ReducedCheckpointMixin, ReducedGenerationMixin, LlavaForConditionalGeneration
+):
     """LLaVA-1.5 for generation whose inner model reduces each image's tokens; the base of the public model classes.
 
     Subclasses set `config_class` and `inner_model_class`. The inner model's `get_image_features`

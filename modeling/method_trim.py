@@ -13,8 +13,6 @@ import torch
 from .token_selection import iqr_outlier_counts, top_k_in_raster_order
 
 
-
-
 def trim_similarity_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor, negate: bool = True) -> torch.Tensor:
     """TRIM's scorer: softmax over patches of the raw dot product with the question, in fp32.
 

@@ -18,7 +18,9 @@ from .token_selection import gather_tokens, split_kept_and_rest
 # Scorer ----------------------------------------------------------------------------------------------
 
 
-def cls_attention_scores(queries: torch.Tensor, keys: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cls_attention_scores(
+    queries: torch.Tensor, keys: torch.Tensor, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VisionZip's scorer: the CLS query's attention over all tokens, from one layer's projections.
 
     Only the CLS row of the attention map is computed (`O(H·N·d)`), so the vision tower can keep its
@@ -134,7 +136,8 @@ def visionzip_assignment(
     kept, rest = split_kept_and_rest(dominant_keep_mask(cls_attention, dominant_tokens))
     group = torch.full(rest.shape, -1, dtype=torch.long, device=rest.device)
     if contextual_tokens > 0:
-        target_mask, owner = contextual_targets_and_owners(gather_tokens(mean_keys.to(rest.device), rest), contextual_tokens)
+        rest_keys = gather_tokens(mean_keys.to(rest.device), rest)
+        target_mask, owner = contextual_targets_and_owners(rest_keys, contextual_tokens)
         group[:, target_mask] = torch.arange(contextual_tokens, device=rest.device)
         group[:, ~target_mask] = owner
     return kept, rest, group

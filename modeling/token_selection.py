@@ -11,8 +11,6 @@ Shapes: `B` images (or crops), `N` tokens per image, `D` width.
 import torch
 
 
-
-
 def top_k_in_raster_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices `[B, k]` of the `k` largest scores of each row, ascending (raster order), so the kept
     tokens keep their spatial order whatever the score order was."""

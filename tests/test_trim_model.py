@@ -225,7 +225,12 @@ def test_checkpoint_ships_only_trim_code(trim_checkpoint_dir):
     }
     for name in shipped:
         source = (trim_checkpoint_dir / name).read_text()
-        for definition in ['def visionzip_reduce', 'def cls_attention_scores', 'def merge_into_contextual_tokens', 'class VisionZipReduction']:
+        for definition in (
+            "def visionzip_reduce",
+            "def cls_attention_scores",
+            "def merge_into_contextual_tokens",
+            "class VisionZipReduction",
+        ):
             assert definition not in source, f"{name} holds {definition}"
 
 

@@ -388,7 +388,12 @@ def test_checkpoint_ships_only_visionzip_code(visionzip_checkpoint_dir):
     }
     for name in shipped:
         source = (visionzip_checkpoint_dir / name).read_text()
-        for definition in ['def trim_reduce', 'def select_with_mean_token', 'def bound_token_counts', 'class TrimReduction']:
+        for definition in (
+            "def trim_reduce",
+            "def select_with_mean_token",
+            "def bound_token_counts",
+            "class TrimReduction",
+        ):
             assert definition not in source, f"{name} holds {definition}"
 
 
