@@ -138,6 +138,20 @@ class ReducedLlavaForConditionalGeneration(
     `forward` accept prompts expanded by the stock processor.
     """
 
+    # Which checkpoints the classes refuse (`checkpoint_source.refuse_unfit_checkpoint`): the family's stock ones
+    # load unless the method says otherwise; another family's never do.
+    stock_model_type = "llava"
+    family_label = "LLaVA"
+    family_hint = ("LLaVA-NeXT (anyres) checkpoints have their own classes and image grids; this class is for "
+                   "LLaVA-1.5-style checkpoints")
+
+    @classmethod
+    def other_family_refusal(cls, config_dict: dict) -> str | None:
+        """What the checkpoint is when it belongs to another family (`"a LLaVA-NeXT checkpoint"`), else None."""
+        if config_dict.get("model_type") == "llava_next" or "image_grid_pinpoints" in config_dict:
+            return "a LLaVA-NeXT checkpoint"
+        return None
+
     def __init__(self, config):
         # Not LlavaForConditionalGeneration.__init__: that would build (and initialise) a stock LlavaModel.
         LlavaPreTrainedModel.__init__(self, config)

@@ -46,6 +46,9 @@ class ReductionMethodMixin:
     # Inputs with one row per image that travel with `pixel_values` into `get_image_features` (TRIM's
     # `clip_input_ids`, `clip_attention_mask`); generate pops them and the compaction selects their rows.
     image_side_input_names: tuple[str, ...] = ()
+    # Why the family's stock checkpoints cannot load into this method's classes (weights the method needs that
+    # they lack; said after "SRC is a stock LLaVA checkpoint: "), or None when they load.
+    stock_checkpoint_refusal: str | None = None
     # The output class of `get_image_features`; its extra fields come from `CropReduction.extras`.
     image_features_output_class: type = BaseModelOutputWithPooling
 

@@ -72,6 +72,11 @@ class TrimReduction(ReductionMethodMixin):
 
     image_side_input_names = ("clip_input_ids", "clip_attention_mask")
     image_features_output_class = TrimImageFeaturesOutput
+    stock_checkpoint_refusal = (
+        "it has no CLIP text tower, which TRIM needs (its weights would be initialised randomly). Convert it first: "
+        "`llava-token-reduction convert trim SRC OUT --clip openai/clip-vit-large-patch14-336` (the CLIP of its "
+        "vision tower), then load OUT"
+    )
     # Scores need fp32 (docs/trim.md §6); these stay fp32 under fp16/bf16 loads. The tower's own pooled
     # output still works: layer_norm accepts half input with fp32 parameters.
     _keep_in_fp32_modules_strict = ["clip_text_model", "visual_projection", "vision_tower.post_layernorm"]
