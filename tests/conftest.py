@@ -169,6 +169,17 @@ SHARED_CODE_FILES = frozenset({
 })
 
 
+def assert_ships_only(checkpoint_dir, method_files: set[str], foreign_texts: tuple[str, ...]) -> None:
+    """The `.py` files a `save_pretrained` wrote are exactly `SHARED_CODE_FILES` plus the method's own, and none of
+    them holds a text of another method (a function definition, a message)."""
+    shipped = {name for name in os.listdir(checkpoint_dir) if name.endswith(".py")}
+    assert shipped == SHARED_CODE_FILES | method_files, sorted(shipped ^ (SHARED_CODE_FILES | method_files))
+    for name in shipped:
+        source = (checkpoint_dir / name).read_text(encoding="utf-8")
+        for text in foreign_texts:
+            assert text not in source, f"{name} holds {text!r}"
+
+
 _ISOLATION_PREAMBLE = """\
 import sys
 sys.modules["llava_token_reduction"] = None  # the package must not be needed to load a checkpoint

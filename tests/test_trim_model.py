@@ -1,14 +1,12 @@
 """LlavaTrimModel / LlavaTrimForConditionalGeneration: module layout, parity of `get_image_features` with the
 independent reference, input errors, loading stock LLaVA, remote code, half precision and offloading."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from conftest import SHARED_CODE_FILES, save_checkpoint
+from conftest import assert_ships_only, save_checkpoint
 from test_trim_algorithm import reference_trim
 from transformers import (
     AutoModel,
@@ -218,20 +216,14 @@ def test_generate_with_processor_outputs(trim_model, processor):
 def test_checkpoint_ships_only_trim_code(trim_checkpoint_dir):
     """A TRIM checkpoint carries TRIM's files (its processor's included) and the shared ones, none of
     VisionZip's."""
-    shipped = {name for name in os.listdir(trim_checkpoint_dir) if name.endswith(".py")}
-    assert shipped == SHARED_CODE_FILES | {
-        "configuration_llava_trim.py", "modeling_llava_trim.py", "method_trim.py", "method_trim_model.py",
-        "processing_llava_trim.py",
-    }
-    for name in shipped:
-        source = (trim_checkpoint_dir / name).read_text()
-        for definition in (
-            "def visionzip_reduce",
-            "def cls_attention_scores",
-            "def merge_into_contextual_tokens",
-            "class VisionZipReduction",
-        ):
-            assert definition not in source, f"{name} holds {definition}"
+    assert_ships_only(
+        trim_checkpoint_dir,
+        {"configuration_llava_trim.py", "modeling_llava_trim.py", "method_trim.py", "method_trim_model.py",
+         "processing_llava_trim.py"},
+        # VisionZip's functions and model side
+        ("def visionzip_reduce", "def cls_attention_scores", "def merge_into_contextual_tokens",
+         "class VisionZipReduction"),
+    )
 
 
 def test_remote_code_in_clean_process(trim_model, processor, trim_checkpoint_dir, run_isolated_python, tmp_path):

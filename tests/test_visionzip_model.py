@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPAttention
-from conftest import SHARED_CODE_FILES
+from conftest import assert_ships_only
 
 from llava_token_reduction import (
     LlavaVisionZipConfig,
@@ -381,21 +381,14 @@ def test_save_pretrained_writes_a_self_contained_checkpoint(visionzip_checkpoint
 def test_checkpoint_ships_only_visionzip_code(visionzip_checkpoint_dir):
     """A VisionZip checkpoint carries VisionZip's files and the shared ones, none of TRIM's (the two methods
     share no function; one file per method)."""
-    shipped = {name for name in os.listdir(visionzip_checkpoint_dir) if name.endswith(".py")}
-    assert shipped == SHARED_CODE_FILES | {
-        "configuration_llava_visionzip.py", "modeling_llava_visionzip.py", "method_visionzip.py",
-        "method_visionzip_model.py",
-    }
-    for name in shipped:
-        source = (visionzip_checkpoint_dir / name).read_text()
-        for definition in (
-            "def trim_reduce",
-            "def select_with_mean_token",
-            "def bound_token_counts",
-            "class TrimReduction",
-            "convert trim",  # TRIM's refusal of stock checkpoints lives with TRIM
-        ):
-            assert definition not in source, f"{name} holds {definition}"
+    assert_ships_only(
+        visionzip_checkpoint_dir,
+        {"configuration_llava_visionzip.py", "modeling_llava_visionzip.py", "method_visionzip.py",
+         "method_visionzip_model.py"},
+        # TRIM's functions, its model side, its refusal of stock checkpoints
+        ("def trim_reduce", "def select_with_mean_token", "def bound_token_counts", "class TrimReduction",
+         "convert trim"),
+    )
 
 
 def test_checkpoint_loads_as_remote_code_without_the_package(
