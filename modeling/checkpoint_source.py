@@ -1,11 +1,13 @@
 """Which checkpoints a token-reducing LLaVA class may load, checked before any weight is built.
 
 transformers loads any config into any config class (with a warning) and reports weights it could not place
-only after initialising them randomly. So `ReducedLlavaForConditionalGeneration.from_pretrained` first reads
-the checkpoint's config.json and refuses what does not fit: a LLaVA-NeXT (anyres) checkpoint in a LLaVA-1.5
-class, a stock LLaVA checkpoint (no CLIP text tower) in a TRIM class, any other model type. A stock `llava`
-checkpoint in a class that accepts it loads without transformers' "model of type llava to instantiate a model
-of type ..." warning: that load is the documented use, not a mistake.
+only after initialising them randomly. So `ReducedCheckpointMixin.from_pretrained` first reads the checkpoint's
+config.json and refuses what does not fit: a checkpoint of another family (the family's `other_family_refusal`:
+a LLaVA-NeXT (anyres) checkpoint in a LLaVA-1.5 class), a stock checkpoint of the family in a method that needs
+weights stock ones lack (the method's `stock_checkpoint_refusal`: TRIM's CLIP text tower), any other model type.
+A stock checkpoint in a class that accepts it loads without transformers' "model of type llava to instantiate a
+model of type ..." warning: that load is the documented use, not a mistake. The rules' texts live with the
+family and the method, so this file is the same for every checkpoint.
 
 Shipped with every checkpoint (remote code): it imports only transformers.
 """
@@ -18,10 +20,6 @@ from transformers import PretrainedConfig
 
 # The keyword arguments of `from_pretrained` that say where the config file is.
 _FILE_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-# Checkpoint model types each class loads besides its own, by the class's model type.
-ACCEPTED_SOURCE_TYPES = {"llava_visionzip": ("llava",)}
-_NEXT_HINT = ("LLaVA-NeXT (anyres) checkpoints have their own classes and image grids; this class is for "
-              "LLaVA-1.5-style checkpoints")
 
 
 def checkpoint_config_dict(pretrained_model_name_or_path, kwargs: dict) -> dict | None:
@@ -36,39 +34,24 @@ def checkpoint_config_dict(pretrained_model_name_or_path, kwargs: dict) -> dict 
 
 
 def refuse_unfit_checkpoint(cls, source, config_dict: dict) -> None:
-    """Raise `ValueError` when the checkpoint `config_dict` describes does not fit `cls` (see the module doc)."""
+    """Raise `ValueError` when the checkpoint `config_dict` describes does not fit `cls` (see the module doc).
+
+    `cls` is an outer class: its family says its stock `stock_model_type` and `other_family_refusal(config_dict)`,
+    its inner model's method says `stock_checkpoint_refusal` (None when stock checkpoints load)."""
     own = cls.config_class.model_type
-    accepted = (own, *ACCEPTED_SOURCE_TYPES.get(own, ()))
+    stock_refusal = getattr(cls.inner_model_class, "stock_checkpoint_refusal", None)
+    accepted = (own,) if stock_refusal else (own, cls.stock_model_type)
     model_type = config_dict.get("model_type")
-    if model_type == "llava_next" or "image_grid_pinpoints" in config_dict:
-        raise ValueError(f"{source} is a LLaVA-NeXT checkpoint (model_type {model_type!r}); {cls.__name__} loads "
-                         f"{' or '.join(repr(t) for t in accepted)} checkpoints. {_NEXT_HINT}")
+    family_refusal = cls.other_family_refusal(config_dict)
+    if family_refusal:
+        raise ValueError(f"{source} is {family_refusal} (model_type {model_type!r}); {cls.__name__} loads "
+                         f"{' or '.join(repr(t) for t in accepted)} checkpoints. {cls.family_hint}")
     if model_type in accepted:
         return
-    if model_type == "llava" and own == "llava_trim":
-        raise ValueError(
-            f"{source} is a stock LLaVA checkpoint: it has no CLIP text tower, which TRIM needs (its weights would be "
-            "initialised randomly). Convert it first: `llava-token-reduction convert trim SRC OUT --clip "
-            "openai/clip-vit-large-patch14-336` (the CLIP of its vision tower), then load OUT"
-        )
+    if model_type == cls.stock_model_type and stock_refusal:
+        raise ValueError(f"{source} is a stock {cls.family_label} checkpoint: {stock_refusal}")
     raise ValueError(f"{source} has model_type {model_type!r}; {cls.__name__} loads "
                      f"{' or '.join(repr(t) for t in accepted)} checkpoints")
-
-
-def refuse_language_tokenizer_as_clip(tokenizer, clip_tokenizer) -> None:
-    """Raise `ValueError` when TRIM's CLIP tokenizer is the language model's tokenizer.
-
-    That is what loading gives when a TRIM checkpoint lost its `clip_tokenizer/` subfolder (top-level files
-    copied, a mirror without subfolders): transformers falls back to the root tokenizer with only a log line,
-    and TRIM would then score patches against token ids from the wrong vocabulary."""
-    if tokenizer is None or clip_tokenizer is None:
-        return
-    if clip_tokenizer is tokenizer or clip_tokenizer.get_vocab() == tokenizer.get_vocab():
-        raise ValueError(
-            "TRIM's CLIP tokenizer is the language model's tokenizer: the checkpoint's `clip_tokenizer/` subfolder "
-            "is missing (copy it along with the top-level files, or re-run `convert trim`); the CLIP text tower "
-            "cannot read the language model's token ids"
-        )
 
 
 class _DropTypeMismatchWarning(logging.Filter):
@@ -95,7 +78,4 @@ def accepted_type_mismatch(source_type: str | None, target_type: str):
         logger.removeFilter(dropper)
 
 
-__all__ = [
-    "ACCEPTED_SOURCE_TYPES", "checkpoint_config_dict", "refuse_unfit_checkpoint", "accepted_type_mismatch",
-    "refuse_language_tokenizer_as_clip",
-]
+__all__ = ["checkpoint_config_dict", "refuse_unfit_checkpoint", "accepted_type_mismatch"]

@@ -1,6 +1,6 @@
 """Processor of LLaVA with TRIM: the stock LLaVA processor plus the CLIP-tokenised question of every image.
 
-Shipped with checkpoints as remote code, so it imports only the standard library and transformers.
+Shipped with TRIM checkpoints as remote code, so it imports only the standard library, numpy and transformers.
 
 Which text is "the question" (docs/trim.md §1, evaluation semantics): the user text of the turn that
 brought the image, without system prompt, role markers, image tokens or chat special tokens. In order of
@@ -28,8 +28,6 @@ import numpy as np
 from transformers import LlavaProcessor
 from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessorMixin
-
-from .checkpoint_source import refuse_language_tokenizer_as_clip
 
 
 CLIP_MAX_LENGTH = 77
@@ -148,6 +146,22 @@ def questions_from_conversation(conversation: list[dict], image_token: str = "<i
         )
         questions.extend([" ".join(text.split())] * sum(_is_image_block(block) for block in content))
     return questions
+
+
+def refuse_language_tokenizer_as_clip(tokenizer, clip_tokenizer) -> None:
+    """Raise `ValueError` when TRIM's CLIP tokenizer is the language model's tokenizer.
+
+    That is what loading gives when a TRIM checkpoint lost its `clip_tokenizer/` subfolder (top-level files
+    copied, a mirror without subfolders): transformers falls back to the root tokenizer with only a log line,
+    and TRIM would then score patches against token ids from the wrong vocabulary."""
+    if tokenizer is None or clip_tokenizer is None:
+        return
+    if clip_tokenizer is tokenizer or clip_tokenizer.get_vocab() == tokenizer.get_vocab():
+        raise ValueError(
+            "TRIM's CLIP tokenizer is the language model's tokenizer: the checkpoint's `clip_tokenizer/` subfolder "
+            "is missing (copy it along with the top-level files, or re-run `convert trim`); the CLIP text tower "
+            "cannot read the language model's token ids"
+        )
 
 
 class LlavaTrimProcessor(LlavaProcessor):

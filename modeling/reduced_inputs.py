@@ -11,8 +11,6 @@ The bookkeeping is host-side Python and numpy; under `torch.compile` it runs out
 (`torch.compiler.disable`), and nothing of it runs in a decoding step.
 """
 
-import inspect
-
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import is_torchdynamo_compiling
@@ -23,11 +21,6 @@ from .token_compaction import CompactionPlan, assign_image_spans, compact_rows, 
 # Set on the cache of a call whose image placeholders are text on purpose: an assistant in assisted generation,
 # from whose forward transformers withholds the images.
 TEXT_ONLY_ATTRIBUTE = "llava_token_reduction_placeholders_are_text"
-# Parameters of `get_image_features` that are not per-image side inputs.
-_FEATURE_PARAMETERS = {
-    "self", "pixel_values", "vision_feature_layer", "vision_feature_select_strategy",
-    "output_hidden_states", "output_attentions", "return_dict",  # output options, as stock's
-}
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -40,28 +33,22 @@ def cached_length(cache) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 
 
-def _side_input_names(feature_method) -> tuple[str, ...]:
-    parameters = inspect.signature(feature_method).parameters.values()
-    return tuple(p.name for p in parameters if p.name not in _FEATURE_PARAMETERS
-                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-
-
 class ReducedInputsMixin:
     """Compaction of stock-processor prompts around reduced images, for a model whose `_feature_model()`
     (itself for the inner model, `self.model` for the outer one) has `get_image_features` returning one
     `[k_i, text_hidden]` tensor per image and `image_placeholder_counts`."""
 
     # Inputs with one row per image that travel with `pixel_values` into `get_image_features` (TRIM's
-    # `clip_input_ids`, `clip_attention_mask`): set per class from the named parameters of the feature model's
-    # `get_image_features`, as generate picks them out of its kwargs. A plain tuple: `forward` reads it, also
-    # under torch.compile.
+    # `clip_input_ids`, `clip_attention_mask`): declared by the method (`method_base.ReductionMethodMixin`) on the
+    # inner model and copied to the outer class, whose generate picks them out of its kwargs. A plain tuple:
+    # `forward` reads it, also under torch.compile.
     image_side_input_names: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         feature_class = cls._feature_model_class()
-        if "image_side_input_names" not in cls.__dict__ and hasattr(feature_class, "get_image_features"):
-            cls.image_side_input_names = _side_input_names(feature_class.get_image_features)
+        if "image_side_input_names" not in cls.__dict__ and feature_class not in (None, cls):
+            cls.image_side_input_names = tuple(getattr(feature_class, "image_side_input_names", ()))
 
     @classmethod
     def _feature_model_class(cls) -> type | None:

@@ -159,6 +159,27 @@ def visionzip_checkpoint_dir(visionzip_model, tiny_processor, tmp_path_factory):
     return save_checkpoint(visionzip_model, tiny_processor, tmp_path_factory.mktemp("visionzip_checkpoint"))
 
 
+# What every reduced-LLaVA checkpoint ships besides its method's own files: the LLaVA-1.5 family, what every
+# family shares (generation mechanism, compaction, the seam), the shared selection helpers, the checkpoint writer
+# and fit checks, the config checks.
+SHARED_CODE_FILES = frozenset({
+    "config_checks.py", "family_llava.py", "reduced_model.py", "reduced_generation.py", "reduced_inputs.py",
+    "token_compaction.py", "vision_inputs.py", "method_base.py", "token_selection.py", "checkpoint_code.py",
+    "checkpoint_source.py",
+})
+
+
+def assert_ships_only(checkpoint_dir, method_files: set[str], foreign_texts: tuple[str, ...]) -> None:
+    """The `.py` files a `save_pretrained` wrote are exactly `SHARED_CODE_FILES` plus the method's own, and none of
+    them holds a text of another method (a function definition, a message)."""
+    shipped = {name for name in os.listdir(checkpoint_dir) if name.endswith(".py")}
+    assert shipped == SHARED_CODE_FILES | method_files, sorted(shipped ^ (SHARED_CODE_FILES | method_files))
+    for name in shipped:
+        source = (checkpoint_dir / name).read_text(encoding="utf-8")
+        for text in foreign_texts:
+            assert text not in source, f"{name} holds {text!r}"
+
+
 _ISOLATION_PREAMBLE = """\
 import sys
 sys.modules["llava_token_reduction"] = None  # the package must not be needed to load a checkpoint

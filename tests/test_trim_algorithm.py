@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from llava_token_reduction.modeling.token_reduction import (
+from llava_token_reduction.modeling.method_trim import (
     bound_token_counts,
-    iqr_outlier_counts,
     select_with_mean_token,
     trim_reduce,
     trim_similarity_scores,
 )
+from llava_token_reduction.modeling.token_selection import iqr_outlier_counts
 
 
 def reference_trim(P, Z, t, negate=True, multiplier=1.5, coupled=False, low=None, high=None, mean_token=True):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from conftest import save_checkpoint
+from conftest import assert_ships_only, save_checkpoint
 from test_trim_algorithm import reference_trim
 from transformers import (
     AutoModel,
@@ -211,6 +211,19 @@ def test_generate_with_processor_outputs(trim_model, processor):
                        padding=True, return_tensors="pt")
     out = trim_model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
+def test_checkpoint_ships_only_trim_code(trim_checkpoint_dir):
+    """A TRIM checkpoint carries TRIM's files (its processor's included) and the shared ones, none of
+    VisionZip's."""
+    assert_ships_only(
+        trim_checkpoint_dir,
+        {"configuration_llava_trim.py", "modeling_llava_trim.py", "method_trim.py", "method_trim_model.py",
+         "processing_llava_trim.py"},
+        # VisionZip's functions and model side
+        ("def visionzip_reduce", "def cls_attention_scores", "def merge_into_contextual_tokens",
+         "class VisionZipReduction"),
+    )
 
 
 def test_remote_code_in_clean_process(trim_model, processor, trim_checkpoint_dir, run_isolated_python, tmp_path):

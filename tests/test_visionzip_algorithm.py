@@ -9,14 +9,13 @@ import math
 import pytest
 import torch
 
-from llava_token_reduction.modeling.token_reduction import (
+from llava_token_reduction.modeling.method_visionzip import (
     cls_attention_scores,
-    gather_tokens,
+    contextual_target_positions,
     merge_into_contextual_tokens,
-    split_kept_and_rest,
-    top_k_in_raster_order,
     visionzip_reduce,
 )
+from llava_token_reduction.modeling.token_selection import gather_tokens, split_kept_and_rest, top_k_in_raster_order
 
 
 def _tokens(rows: int, width: int = 3, batch: int = 1) -> torch.Tensor:
@@ -287,7 +286,5 @@ def test_published_budgets_on_576_patches_have_the_documented_stride(dominant, c
 
 @pytest.mark.parametrize("remaining, contextual, step, last", [(523, 10, 52, 468), (469, 20, 23, 437), (415, 30, 13, 377)])
 def test_target_positions_match_the_published_budget_table(remaining, contextual, step, last):
-    from llava_token_reduction.modeling.token_reduction import contextual_target_positions
-
     positions = contextual_target_positions(remaining, contextual).tolist()
     assert positions == list(range(0, last + 1, step)) and len(positions) == contextual

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPAttention
+from conftest import assert_ships_only
 
 from llava_token_reduction import (
     LlavaVisionZipConfig,
@@ -377,6 +378,19 @@ def test_save_pretrained_writes_a_self_contained_checkpoint(visionzip_checkpoint
                     assert f"{module[1:]}.py" in files, f"{name} imports {module} which was not shipped"
 
 
+def test_checkpoint_ships_only_visionzip_code(visionzip_checkpoint_dir):
+    """A VisionZip checkpoint carries VisionZip's files and the shared ones, none of TRIM's (the two methods
+    share no function; one file per method)."""
+    assert_ships_only(
+        visionzip_checkpoint_dir,
+        {"configuration_llava_visionzip.py", "modeling_llava_visionzip.py", "method_visionzip.py",
+         "method_visionzip_model.py"},
+        # TRIM's functions, its model side, its refusal of stock checkpoints
+        ("def trim_reduce", "def select_with_mean_token", "def bound_token_counts", "class TrimReduction",
+         "convert trim"),
+    )
+
+
 def test_checkpoint_loads_as_remote_code_without_the_package(
     visionzip_model, visionzip_checkpoint_dir, make_pixel_values, run_isolated_python, tmp_path
 ):
@@ -560,3 +574,63 @@ def test_bfloat16_load_runs(visionzip_checkpoint_dir, plain_features):
     torch.testing.assert_close(
         features.last_hidden_state[:, 0].float(), expected.last_hidden_state[:, 0], atol=0.1, rtol=0.05
     )
+
+
+# Checkpoints saved before the method/family split ------------------------------------------------------
+
+
+def test_checkpoints_saved_before_the_split_load_into_the_current_classes(run_isolated_python, tmp_path):
+    """The shipped toy checkpoints were saved before VisionZip and TRIM got their own files (their auto_map names
+    `modeling_llava_<method>.*`, their code ships `token_reduction.py`). With the package imported they load into
+    its classes (also under `trust_remote_code=True`) with a clean report, and give the image features their own
+    shipped code gives in a process without the package."""
+    from importlib.resources import files
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from llava_token_reduction import LlavaTrimForConditionalGeneration
+
+    classes = {"visionzip": LlavaVisionZipForConditionalGeneration, "trim": LlavaTrimForConditionalGeneration}
+    image = Image.fromarray(torch.randint(0, 256, (40, 56, 3), generator=torch.Generator().manual_seed(3),
+                                          dtype=torch.uint8).numpy())
+    expected = {}
+    for kind, cls in classes.items():
+        directory = files("llava_token_reduction") / "assets" / "toy" / kind
+        assert json.loads((directory / "config.json").read_text())["auto_map"]["AutoModelForImageTextToText"] == (
+            f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+        )
+        assert (directory / "token_reduction.py").is_file()  # saved before the split
+        for trust in (False, True):
+            model, info = AutoModelForImageTextToText.from_pretrained(
+                os.fspath(directory), dtype=torch.float32, trust_remote_code=trust, output_loading_info=True
+            )
+            assert type(model) is cls
+            assert not {k: v for k, v in info.items() if k != "error_msgs" and v}, info
+        processor = AutoProcessor.from_pretrained(os.fspath(directory))
+        inputs = dict(processor(images=image, text="USER: <image>\nWhat is it? ASSISTANT:", return_tensors="pt"))
+        feature_inputs = {k: v for k, v in inputs.items() if k in ("pixel_values", *model.image_side_input_names)}
+        torch.save(feature_inputs, tmp_path / f"{kind}_inputs.pt")
+        with torch.no_grad():
+            expected[kind] = list(model.eval().model.get_image_features(**feature_inputs).pooler_output)
+
+    run_isolated_python(
+        f"""
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        for kind, directory in {{k: {os.fspath(files("llava_token_reduction") / "assets" / "toy")!r} + "/" + k
+                                for k in ("visionzip", "trim")}}.items():
+            model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32, trust_remote_code=True)
+            assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+            inputs = torch.load(kind + "_inputs.pt")
+            with torch.no_grad():
+                features = list(model.eval().model.get_image_features(**inputs).pooler_output)
+            torch.save(features, kind + "_features.pt")
+        """,
+        tmp_path,
+    )
+    for kind, features in expected.items():
+        shipped = torch.load(tmp_path / f"{kind}_features.pt")
+        assert len(shipped) == len(features) == 1
+        torch.testing.assert_close(features[0], shipped[0], rtol=0, atol=0)
