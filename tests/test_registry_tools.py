@@ -47,13 +47,17 @@ def test_model_card_comes_from_the_registry_entry(extra_method):
     assert "llava-token-reduction convert zipcopy" in card
 
 
+def _title_only(config, context):
+    return {"title": "t", "intro": "i"}
+
+
 def test_card_fields_function_must_fill_the_declared_fields(monkeypatch):
     from llava_token_reduction import LlavaVisionZipConfig
     from llava_token_reduction.conversion.model_card import render_model_card
     from llava_token_reduction.tiny import llava_config_kwargs
 
-    # VisionZip's entry with TRIM's fields function: the VisionZip placeholders stay unfilled.
-    broken = dataclasses.replace(METHODS["visionzip"], card_fields_reference="llava_token_reduction.conversion.method_cards:trim_card_fields")
+    # VisionZip's entry with a fields function that fills only the title and intro.
+    broken = dataclasses.replace(METHODS["visionzip"], card_fields_reference=f"{__name__}:_title_only")
     monkeypatch.setattr("llava_token_reduction.conversion.model_card.for_model_type", lambda model_type: broken)
     with pytest.raises(ValueError, match="card fields lack"):
         render_model_card(LlavaVisionZipConfig(**llava_config_kwargs()), repo_id="someone/zip")
