@@ -109,6 +109,11 @@ class ReductionMethod:
         return _resolve(self.processor_class_name)
 
     @property
+    def show_selection_function(self) -> Callable:
+        """(model, pixel_values of one image, **side inputs) -> `show.Selection`."""
+        return _resolve(self.show_selection)
+
+    @property
     def card_fields_function(self) -> Callable:
         return _resolve(self.card_fields_reference)
 
