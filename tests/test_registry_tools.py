@@ -67,3 +67,15 @@ def test_option_add_to_takes_a_parsing_function():
     parser = argparse.ArgumentParser()
     Option("budget", int, 3, "a budget", cli=True).add_to(parser, type=lambda text: int(text) * 10)
     assert parser.parse_args(["--budget", "2"]).budget == 20
+
+
+def test_demo_runs_a_method_it_only_knows_from_the_registry(extra_method):
+    from llava_token_reduction import demo
+
+    report = demo.run_demo(method="zipcopy", overrides={"dominant_tokens": 20}, repeats=1, max_new_tokens=1,
+                           status=lambda text: None)
+    labels = [measurement.label for measurement in report.measurements]
+    assert labels == ["stock LLaVA", "VisionZip 20+10"]
+    assert report.measurements[1].image_tokens == 30
+    with pytest.raises(ValueError, match="trim_max_tokens is not a setting of ZipCopy"):
+        demo.run_demo(method="zipcopy", overrides={"trim_max_tokens": 3}, status=lambda text: None)
