@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..inputs import FLOAT_DTYPES, parse_dtype
+from ..methods import METHODS, for_model_type
 from .common import PROMPT_FORMATS, DataError
 
 
@@ -55,12 +57,14 @@ PROJECTOR_PREFIX = "model.multi_modal_projector."
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     io = parser.add_argument_group("model, data and output")
-    io.add_argument("--model", required=True, help="a llava_visionzip or llava_trim checkpoint directory (with processor)")
+    io.add_argument("--model", required=True, help="a checkpoint directory (with processor) of one of the methods: "
+                    + ", ".join(method.model_type for method in METHODS.values()))
     io.add_argument("--data", required=True, help="LLaVA instruction data: a JSON list or JSON Lines file")
     io.add_argument("--image-folder", help="folder the records' `image` paths are relative to")
     io.add_argument("--output-dir", required=True, help="where the projector, checkpoint, logs and states go")
-    io.add_argument("--dominant-tokens", type=int, help="VisionZip: override the checkpoint's dominant_tokens")
-    io.add_argument("--contextual-tokens", type=int, help="VisionZip: override the checkpoint's contextual_tokens")
+    for method in METHODS.values():
+        for option in method.cli_options():
+            option.add_to(io, help=f"{method.label}: override the checkpoint's {option.field}")
 
     data = parser.add_argument_group("data selection and encoding")
     data.add_argument("--fraction", type=float, help="train on this fraction of the records (0.1 = the 1/10 subset)")
@@ -152,15 +156,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _dtype(name):
+    """The save dtype: `inputs.parse_dtype` of a name or dtype; float32 when the checkpoint records none."""
     import torch
 
-    if isinstance(name, torch.dtype):
-        return name
-    if isinstance(name, str) and hasattr(torch, name.replace("torch.", "")):
-        value = getattr(torch, name.replace("torch.", ""))
-        if isinstance(value, torch.dtype):
-            return value
-    return torch.float32
+    try:
+        return parse_dtype(name, allowed=(*FLOAT_DTYPES, "float64"))
+    except ValueError:
+        return torch.float32
 
 
 def tensor_digests(named_tensors, dtype) -> dict[str, str]:
@@ -264,31 +266,36 @@ class Tuner:
 
     def _load_model(self):
         import torch
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig
 
         import llava_token_reduction  # noqa: F401 - registers the model types
 
+        from ..loading import load_checkpoint
         from ..modeling.modeling_reduced_llava import ReducedLlavaForConditionalGeneration
 
         args = self.args
         source_config = AutoConfig.from_pretrained(args.model)
-        if source_config.model_type not in ("llava_visionzip", "llava_trim"):
+        method = for_model_type(source_config.model_type)
+        if method is None:
+            types = " or ".join(entry.model_type for entry in METHODS.values())
             raise TuningError(
-                f"--model must be a llava_visionzip or llava_trim checkpoint, got model type "
-                f"{source_config.model_type!r}; convert it first (`llava-token-reduction convert visionzip|trim ...`)"
+                f"--model must be a {types} checkpoint, got model type {source_config.model_type!r}; convert it "
+                f"first (`llava-token-reduction convert {'|'.join(METHODS)} ...`)"
             )
-        overrides = {}
-        for name in ("dominant_tokens", "contextual_tokens"):
-            if getattr(args, name) is not None:
-                if source_config.model_type != "llava_visionzip":
-                    raise TuningError(f"--{name.replace('_', '-')} applies to VisionZip checkpoints only")
-                overrides[name] = getattr(args, name)
+        for other in METHODS.values():
+            for option in other.cli_options():
+                if other is not method and getattr(args, option.field, None) is not None:
+                    raise TuningError(f"{option.flag} applies to {other.label} checkpoints only")
+        overrides = method.overrides_from(args)
         self.save_dtype = _dtype(getattr(source_config, "dtype", None) if args.save_dtype == "auto" else args.save_dtype)
-        # fp32 master weights; --mixed-precision decides the compute precision.
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32, **overrides)
+        # fp32 master weights; --mixed-precision decides the compute precision. The loader refuses a checkpoint
+        # whose weights did not all load.
+        try:
+            model, processor = load_checkpoint(args.model, method, overrides=overrides, dtype=torch.float32)
+        except ValueError as error:
+            raise TuningError(str(error)) from None
         if not isinstance(model, ReducedLlavaForConditionalGeneration):
             raise TuningError(f"{args.model} did not load as a token-reducing LLaVA ({type(model).__name__})")
-        processor = AutoProcessor.from_pretrained(args.model)
         return model, processor
 
     def _resolve_resume(self) -> Path | None:
@@ -356,7 +363,8 @@ class Tuner:
                     f"{str(self.save_dtype).replace('torch.', '')} checkpoint; convert it with --dtype "
                     f"{str(half).replace('torch.', '')} first (or train without DeepSpeed)")
         config = model.config
-        trim = config.model_type == "llava_trim"
+        # The collator builds the per-image side inputs of the method (TRIM's CLIP rows of each question).
+        trim = bool(for_model_type(config.model_type).side_inputs)
         encoder = ConversationEncoder(processor, config.image_seq_length, config.image_token_id,
                                       args.prompt_format, args.max_length)
         samples, bad = load_samples(
@@ -451,9 +459,10 @@ class Tuner:
 
         unwrapped = accelerator.unwrap_model(model)
         model.train()
-        unwrapped.model.vision_tower.eval()
-        if trim:
-            unwrapped.model.clip_text_model.eval()
+        # Every frozen tower (the vision tower, a method's text tower) stays in eval mode.
+        for name, child in unwrapped.model.named_children():
+            if name not in ("multi_modal_projector", "language_model"):
+                child.eval()
         projector_params = list(unwrapped.model.multi_modal_projector.parameters())
         trainable_params = [p for p in model.parameters() if p.requires_grad]
         progress = tqdm(total=total_steps, initial=global_step, desc="tuning", unit="step",
