@@ -122,13 +122,9 @@ def run(args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - every failure is reported as one line
         if getattr(args, "traceback", False):
             raise
-        from .errors import ConversionError
+        from ..errors import print_failure
 
-        reason = " ".join(str(error).split()) or type(error).__name__
-        if not isinstance(error, ConversionError):
-            reason = f"{type(error).__name__}: {reason}"
-        print(f"{PROG}: error: {reason}", file=sys.stderr)
-        return 1
+        return print_failure(PROG, error)
     print(result.summary())
     return 0
 

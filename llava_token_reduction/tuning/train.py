@@ -33,13 +33,10 @@ from ..methods import METHODS, for_model_type
 from .common import PROMPT_FORMATS, DataError
 
 
-try:  # the shared command line prints these as one line without a traceback
-    from ..cli import CommandError as _CommandErrorBase
-except ImportError:  # pragma: no cover - the command line module is optional for this one
-    _CommandErrorBase = Exception
+from ..errors import UserError, print_failure
 
 
-class TuningError(_CommandErrorBase):
+class TuningError(UserError):
     """A failure the user can act on (bad data, wrong checkpoint, incompatible resume, failed verification)."""
 
 
@@ -141,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - one line unless --traceback
         if args.traceback:
             raise
-        print(f"{PROG}: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
-        return 1
+        return print_failure(PROG, error)
 
 
 def run(args: argparse.Namespace) -> int:
