@@ -209,7 +209,7 @@ class _Conversion:
                 raise ConversionError("SRC config says transformers LLaVA but its tensor names are not LLaVA's")
             return "stock"
         hint = ""
-        if model_type in ("llava_visionzip", "llava_trim"):
+        if model_type in (method.model_type for method in REGISTRY.values()):
             hint = (" (already converted: change the reduction settings at load time, e.g. "
                     "from_pretrained(path, dominant_tokens=108, contextual_tokens=20))")
         raise ConversionError(
@@ -821,15 +821,23 @@ def convert(request: ConversionRequest) -> ConversionResult:
     return result
 
 
-def convert_visionzip(src: str, out: str, **options) -> ConversionResult:
-    return convert(ConversionRequest(method="visionzip", src=str(src), out=str(out), **options))
+def converter_for(method: str) -> Callable[..., ConversionResult]:
+    """`convert_<method>(src, out, **options)`: the converter entry of a registered method (its registry
+    `convert_function` may name this, or its own function)."""
+
+    def convert_method(src: str, out: str, **options) -> ConversionResult:
+        return convert(ConversionRequest(method=method, src=str(src), out=str(out), **options))
+
+    convert_method.__name__ = convert_method.__qualname__ = f"convert_{method}"
+    convert_method.__doc__ = f"Convert SRC into a {REGISTRY[method].label} checkpoint at OUT (see `ConversionRequest`)."
+    return convert_method
 
 
-def convert_trim(src: str, out: str, **options) -> ConversionResult:
-    return convert(ConversionRequest(method="trim", src=str(src), out=str(out), **options))
+convert_visionzip = converter_for("visionzip")
+convert_trim = converter_for("trim")
 
 
 __all__ = [
-    "ConversionRequest", "ConversionResult", "convert", "convert_visionzip", "convert_trim", "push_to_hub",
+    "ConversionRequest", "ConversionResult", "convert", "converter_for", "convert_visionzip", "convert_trim", "push_to_hub",
     "DEFAULT_CLIP", "DTYPES", "INCOMPLETE_MARKER", "ConversionInterrupted",
 ]
