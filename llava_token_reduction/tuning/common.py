@@ -7,3 +7,7 @@ PROMPT_FORMATS = ("auto", "chat-template", "llava-v1")
 
 class DataError(UserError, ValueError):
     """The data cannot be used as given; the message names the file and the record(s)."""
+
+
+class TuningError(UserError):
+    """A failure the user can act on (bad data, wrong checkpoint, incompatible resume, failed verification)."""

@@ -20,7 +20,6 @@ Output directory:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
@@ -30,20 +29,17 @@ from pathlib import Path
 
 from ..inputs import FLOAT_DTYPES, parse_dtype
 from ..methods import METHODS, for_model_type
-from .common import PROMPT_FORMATS, DataError
-
-
-from ..errors import UserError, print_failure
-
-
-class TuningError(UserError):
-    """A failure the user can act on (bad data, wrong checkpoint, incompatible resume, failed verification)."""
+from ..errors import print_failure
+from .common import PROMPT_FORMATS, DataError, TuningError  # noqa: F401 - TuningError re-exported
+from .state import (  # noqa: F401 - re-exported for callers of the old names
+    STATE_FILE, RunLog, _check_saved_weights, _checkpoint_dirs, _keep_trainable_weights, _read_state,
+    configure_trainable, tensor_digests,
+)
 
 
 PROG = "llava-token-reduction tune"
 TRAINABLE_CHOICES = ("projector", "projector+llm")
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-STATE_FILE = "trainer_state.json"
 UNREADABLE_FILE = "unreadable_images.jsonl"
 PROJECTOR_FILE = "projector.safetensors"
 PROJECTOR_PREFIX = "model.multi_modal_projector."
@@ -159,74 +155,6 @@ def _dtype(name):
         return parse_dtype(name, allowed=(*FLOAT_DTYPES, "float64"))
     except ValueError:
         return torch.float32
-
-
-def tensor_digests(named_tensors, dtype) -> dict[str, str]:
-    """Per tensor, a hash of its bytes after casting to `dtype` (floating tensors only are cast)."""
-    import torch
-
-    digests = {}
-    for name, tensor in named_tensors:
-        tensor = tensor.detach()
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        data = tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes()
-        digests[name] = hashlib.blake2b(data, digest_size=16).hexdigest()
-    return digests
-
-
-def configure_trainable(model, trainable: str) -> list[str]:
-    """Freeze everything, then unfreeze the projector (and the language model and LM head). Returns the names
-    of the trainable parameters."""
-    model.requires_grad_(False)
-    model.model.multi_modal_projector.requires_grad_(True)
-    if trainable == "projector+llm":
-        model.model.language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
-    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-
-
-def _checkpoint_dirs(output_dir: Path) -> list[Path]:
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _read_state(directory: Path) -> dict:
-    """A saved state's trainer_state.json, or a TuningError naming the file when it is not a complete one."""
-    path = Path(directory) / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise TuningError(f"saved training state {path} is unreadable ({' '.join(str(error).split())})") from None
-    missing = [key for key in ("global_step", "epoch", "batch_in_epoch", "run") if key not in state] if isinstance(
-        state, dict) else ["everything"]
-    if missing:
-        raise TuningError(f"saved training state {path} is incomplete (no {', '.join(missing)})")
-    return state
-
-
-class RunLog:
-    """Loss and event records: JSON Lines on the main process, lines on stdout."""
-
-    def __init__(self, path: Path, enabled: bool, resume: bool):
-        self.enabled = enabled
-        self.handle = None
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(path, "a" if resume else "w", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        if self.handle is not None:
-            self.handle.write(json.dumps(record) + "\n")
-            self.handle.flush()
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-
 
 # The run -------------------------------------------------------------------------------------------------------
 
@@ -613,26 +541,3 @@ class Tuner:
             raise TuningError(f"verification failed: frozen tensors differ from the input checkpoint: {changed[:5]}")
         summary["verified"] = True
         return summary
-
-
-def _keep_trainable_weights(models, weights, output_dir) -> None:
-    """accelerate save hook: store only trainable parameters in training states (frozen weights are in --model)."""
-    for number, model in enumerate(models):
-        names = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-        weights[number] = {name: tensor for name, tensor in weights[number].items() if name in names}
-
-
-def _check_saved_weights(directory: Path, accelerator, model) -> None:
-    """Before a non-strict load: the state must hold exactly the trainable parameters."""
-    from safetensors import safe_open
-
-    path = directory / "model.safetensors"
-    if not path.is_file():
-        raise TuningError(f"cannot resume from {directory}: no model.safetensors")
-    with safe_open(str(path), framework="pt") as handle:
-        saved = set(handle.keys())
-    names = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    if saved != names:
-        missing, extra = sorted(names - saved), sorted(saved - names)
-        raise TuningError(f"cannot resume from {directory}: its weights do not match the trainable parameters "
-                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
