@@ -9,6 +9,8 @@ import argparse
 import re
 import sys
 
+from ..methods import METHODS
+
 
 PROG = "llava-token-reduction convert"
 _SHARD_SIZE_HELP = "largest shard, e.g. 5GB, 500MB or a number of bytes (default: 5GB)"
@@ -67,25 +69,28 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    """Add `convert` (with `visionzip` and `trim`) to a subparsers object."""
+    """Add `convert` (with one sub-command per registered method) to a subparsers object."""
+    labels = " or ".join(method.label for method in METHODS.values())
     convert = subparsers.add_parser(
-        "convert", help="convert a LLaVA checkpoint into a VisionZip or TRIM checkpoint",
+        "convert", help=f"convert a LLaVA checkpoint into a {labels} checkpoint",
         description="Convert a stock transformers or original LLaVA-codebase checkpoint into a self-contained "
-                    "VisionZip or TRIM checkpoint (safetensors, remote code, processor, model card).",
+                    f"{labels} checkpoint (safetensors, remote code, processor, model card).",
     )
     methods = convert.add_subparsers(title="methods", dest="method", metavar="METHOD")
     methods.required = True
-    visionzip = methods.add_parser("visionzip", help="VisionZip (fixed budget, text-agnostic)")
-    _add_common(visionzip)
-    visionzip.add_argument("--dominant-tokens", type=_positive_int, metavar="N", help="kept tokens, CLS included (default 54)")
-    visionzip.add_argument("--contextual-tokens", type=_positive_int, metavar="N", help="merged tokens (default 10)")
-    visionzip.add_argument("--clip", metavar="CLIP_SRC", help="CLIP checkpoint for an original-format SRC without its "
-                                                              "vision tower (default: SRC's mm_vision_tower)")
-    trim = methods.add_parser("trim", help="TRIM (question-aware, adaptive count)")
-    _add_common(trim)
-    trim.add_argument("--clip", metavar="CLIP_SRC", help="CLIPModel checkpoint of the vision tower, e.g. "
-                                                         "openai/clip-vit-large-patch14-336 (optional only when SRC "
-                                                         "carries the CLIP text tower)")
+    for method in METHODS.values():
+        sub = methods.add_parser(method.name, help=method.convert_help)
+        _add_common(sub)
+        for option in method.cli_options():
+            option.add_to(sub, help=f"{option.help} (default {option.default})",
+                          type=_positive_int if option.type is int else None)
+        if method.needs_clip_text_tower:
+            sub.add_argument("--clip", metavar="CLIP_SRC", help="CLIPModel checkpoint of the vision tower, e.g. "
+                                                                "openai/clip-vit-large-patch14-336 (optional only when "
+                                                                "SRC carries the CLIP text tower)")
+        else:
+            sub.add_argument("--clip", metavar="CLIP_SRC", help="CLIP checkpoint for an original-format SRC without "
+                                                                "its vision tower (default: SRC's mm_vision_tower)")
     convert.set_defaults(handler=run)
 
 
@@ -94,8 +99,7 @@ def request_from_args(args: argparse.Namespace):
 
     return ConversionRequest(
         method=args.method, src=args.src, out=args.out, clip=args.clip, projector=args.projector,
-        dominant_tokens=getattr(args, "dominant_tokens", None), contextual_tokens=getattr(args, "contextual_tokens", None),
-        dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite, force=args.force,
+        overrides=METHODS[args.method].overrides_from(args), dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite, force=args.force,
         push_to_hub=args.push_to_hub, private=args.private, repo_id=args.repo_id, base_models=args.base_models,
         license=args.license, pad_vocab_multiple=args.pad_vocab_multiple, progress=args.progress,
     )
@@ -118,13 +122,9 @@ def run(args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - every failure is reported as one line
         if getattr(args, "traceback", False):
             raise
-        from .errors import ConversionError
+        from ..errors import print_failure
 
-        reason = " ".join(str(error).split()) or type(error).__name__
-        if not isinstance(error, ConversionError):
-            reason = f"{type(error).__name__}: {reason}"
-        print(f"{PROG}: error: {reason}", file=sys.stderr)
-        return 1
+        return print_failure(PROG, error)
     print(result.summary())
     return 0
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m llava_token_reduction.conversion convert {visionzip,trim} SRC OUT ...`; the leading `convert`
     may be left out."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("visionzip", "trim"):
+    if argv and argv[0] in METHODS:
         argv = ["convert", *argv]
     args = build_parser().parse_args(argv)
     return args.handler(args)

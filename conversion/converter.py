@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..methods import METHODS as REGISTRY
 from .errors import ConversionError
 from .foreign_code import foreign_code_references, strip_foreign_code
 from .original_format import DEFAULT_CLIP, load_original_tokenizer, parse_reduce_func, vision_tower_fallback
@@ -47,7 +48,7 @@ from .sources import TensorSource, is_hub_id, looks_like_local_path, read_config
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-METHODS = ("visionzip", "trim")
+METHODS = tuple(REGISTRY)  # the registry's method names, in its order
 INCOMPLETE_MARKER = "CONVERSION_INCOMPLETE"
 _LIST_LIMIT = 12
 # Config fields of the LLaVA codebase that have no counterpart in transformers' LLaVA (or are re-derived).
@@ -66,7 +67,9 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @dataclass
 class ConversionRequest:
-    """What to convert. `method` is "visionzip" or "trim"; `src`, `clip` are local directories or hub ids."""
+    """What to convert. `method` is a registry name (`llava_token_reduction.methods.METHODS`); `src`, `clip` are
+    local directories or hub ids. `overrides` are config fields of the method (its `options`) to set in the
+    checkpoint; `dominant_tokens` / `contextual_tokens` are the same for VisionZip, kept for existing callers."""
 
     method: str
     src: str
@@ -86,6 +89,7 @@ class ConversionRequest:
     license: str | None = None
     pad_vocab_multiple: int = 64
     progress: bool = True
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -152,6 +156,7 @@ class _Conversion:
             raise ConversionError(f"--pad-vocab-multiple must be >= 1, got {request.pad_vocab_multiple}")
         self.request = request
         self.method = request.method
+        self.spec = REGISTRY[request.method]  # the registry entry: classes, options, whether CLIP's text tower is kept
         self.out = resolve_output(request.out)
         self.plan: dict[str, _Entry] = {}
         self.unmapped: list[str] = []
@@ -204,7 +209,7 @@ class _Conversion:
                 raise ConversionError("SRC config says transformers LLaVA but its tensor names are not LLaVA's")
             return "stock"
         hint = ""
-        if model_type in ("llava_visionzip", "llava_trim"):
+        if model_type in (method.model_type for method in REGISTRY.values()):
             hint = (" (already converted: change the reduction settings at load time, e.g. "
                     "from_pretrained(path, dominant_tokens=108, contextual_tokens=20))")
         raise ConversionError(
@@ -234,12 +239,12 @@ class _Conversion:
         has_text = self._src_has(CLIP_TEXT_PREFIX)
         reference, why = self.request.clip, "--clip"
         if reference is None:
-            if self.method == "trim" and self.format == "stock":
+            if self.spec.needs_clip_text_tower and self.format == "stock":
                 raise ConversionError(
                     "convert trim needs --clip CLIP_SRC (e.g. openai/clip-vit-large-patch14-336): SRC is a stock LLaVA "
                     "checkpoint without the CLIP text tower"
                 )
-            if self.method == "trim" and not has_text:
+            if self.spec.needs_clip_text_tower and not has_text:
                 raise ConversionError("convert trim needs --clip CLIP_SRC: SRC does not carry the CLIP text tower")
             if self.format == "stock":
                 return
@@ -252,8 +257,8 @@ class _Conversion:
                 self.notes.append(f"SRC's mm_vision_tower {reference!r} is not a directory here; used the hub's "
                                   f"{fallback} instead")
                 reference = fallback
-        need_weights = (self.format == "original" and not has_vision) or (self.method == "trim" and not has_text) or (
-            self.method == "trim" and has_vision and self.request.clip is not None
+        need_weights = (self.format == "original" and not has_vision) or (self.spec.needs_clip_text_tower and not has_text) or (
+            self.spec.needs_clip_text_tower and has_vision and self.request.clip is not None
         )
         self.clip_reference = reference
         self.clip_dir = resolve_checkpoint(reference, f"CLIP ({why})", weights=need_weights)
@@ -265,7 +270,7 @@ class _Conversion:
         if model_type == "clip":
             self.clip_config = CLIPConfig.from_pretrained(self.clip_dir)
             self.clip_vision_config = self.clip_config.vision_config
-        elif model_type == "clip_vision_model" and self.method == "visionzip":
+        elif model_type == "clip_vision_model" and not self.spec.needs_clip_text_tower:
             self.clip_config = None
             self.clip_vision_config = CLIPVisionConfig.from_pretrained(self.clip_dir)
         else:
@@ -296,14 +301,14 @@ class _Conversion:
         src_vision = {k for k in self.plan if k.startswith(VISION_PREFIX)}
         clip_vision = {k for k in clip_plan if k.startswith(VISION_PREFIX)}
         if src_vision:
-            if self.method == "trim":
+            if self.spec.needs_clip_text_tower:
                 self._compare_vision(clip_plan, src_vision, clip_vision)
         else:
             for key in clip_vision:
                 self.plan[key] = clip_plan[key]
             if clip_vision:
                 self.added.append(f"CLIP vision tower ({len(clip_vision)} tensors) from {self.clip_reference}")
-        if self.method == "trim":
+        if self.spec.needs_clip_text_tower:
             text = {k for k in clip_plan if k.startswith(CLIP_TEXT_PREFIX)}
             if not self._src_has(CLIP_TEXT_PREFIX):
                 if not text or VISUAL_PROJECTION not in clip_plan:
@@ -376,16 +381,12 @@ class _Conversion:
     # Config ----------------------------------------------------------------------------------------
 
     def _method_fields(self) -> dict:
-        if self.method == "visionzip":
-            fields = {}
-            if self.request.dominant_tokens is not None:
-                fields["dominant_tokens"] = self.request.dominant_tokens
-            if self.request.contextual_tokens is not None:
-                fields["contextual_tokens"] = self.request.contextual_tokens
+        fields = self._option_fields()
+        if not self.spec.needs_clip_text_tower:
             return fields
         text_config = self.clip_config.text_config.to_dict()
         text_config["projection_dim"] = self.clip_config.projection_dim
-        fields = {"clip_text_config": text_config, "projection_dim": self.clip_config.projection_dim}
+        fields.update(clip_text_config=text_config, projection_dim=self.clip_config.projection_dim)
         reduce_func = self.src_config.get("mm_vision_token_reduce_func") if self.format == "original" else None
         if reduce_func not in (None, ""):
             append_mean, ratio = parse_reduce_func(reduce_func)
@@ -397,10 +398,19 @@ class _Conversion:
             self.notes.append(f"SRC's mm_vision_token_reduce_func {reduce_func!r} mapped to the TRIM config fields")
         return fields
 
-    def _config_class(self):
-        from ..configuration import LlavaTrimConfig, LlavaVisionZipConfig
+    def _option_fields(self) -> dict:
+        """The method's config fields the request sets: `overrides`, plus the legacy VisionZip budget fields."""
+        legacy = {"dominant_tokens": self.request.dominant_tokens, "contextual_tokens": self.request.contextual_tokens}
+        fields = {name: value for name, value in legacy.items() if value is not None}
+        allowed = {option.field for option in self.spec.options}
+        unknown = sorted((set(fields) | set(self.request.overrides)) - allowed)
+        if unknown:
+            raise ConversionError(f"{self.spec.label} has no setting {', '.join(unknown)}; its settings are "
+                                  f"{', '.join(sorted(allowed))}")
+        return {**fields, **self.request.overrides}
 
-        return LlavaVisionZipConfig if self.method == "visionzip" else LlavaTrimConfig
+    def _config_class(self):
+        return self.spec.config_class
 
     def _base_kwargs_stock(self) -> dict:
         from transformers import LlavaConfig
@@ -490,20 +500,18 @@ class _Conversion:
             tokenizer.pad_token = tokenizer.unk_token
             self.notes.append("tokenizer had no pad token; it pads with its unk token, as the LLaVA codebase does")
         image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        if self.method == "trim":
-            from ..modeling import LlavaTrimProcessor
-
+        if self.spec.needs_clip_text_tower:  # its processor also tokenizes the question for CLIP's text tower
             try:
                 clip_tokenizer = AutoTokenizer.from_pretrained(self.clip_dir, trust_remote_code=False)
             except Exception as error:  # noqa: BLE001
                 raise ConversionError(f"CLIP checkpoint {self.clip_reference!r} has no usable tokenizer files: {error}")
-            processor = LlavaTrimProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                           clip_tokenizer=clip_tokenizer, image_token=image_token, **settings)
+            processor = self.spec.processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                                                  clip_tokenizer=clip_tokenizer, image_token=image_token, **settings)
             if self.format == "stock":
-                self.added.append(f"CLIP tokenizer from {self.clip_reference} (LlavaTrimProcessor)")
+                self.added.append(f"CLIP tokenizer from {self.clip_reference} ({self.spec.processor_class.__name__})")
         else:
-            processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, image_token=image_token,
-                                       **settings)
+            processor = self.spec.processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                                                  image_token=image_token, **settings)
         return processor, image_token_id
 
     def grow_vocabulary(self, tokenizer_size: int, image_token_id: int) -> int:
@@ -560,7 +568,7 @@ class _Conversion:
             problems.append(f"shape mismatch: {'; '.join(mismatched[:5])}" + (f" ({len(mismatched)} in all)" if len(mismatched) > 5 else ""))
         if problems:
             hint = ""
-            if unmapped and self.method == "visionzip" and any(CLIP_TEXT_PREFIX in u or "text_tower" in u for u in unmapped):
+            if unmapped and not self.spec.needs_clip_text_tower and any(CLIP_TEXT_PREFIX in u or "text_tower" in u for u in unmapped):
                 hint = " (SRC carries a CLIP text tower: did you mean `convert trim`?)"
             raise ConversionError("cannot map SRC onto the model: " + " | ".join(problems) + hint)
 
@@ -654,8 +662,7 @@ class _Conversion:
         problems = {name: value for name, value in problems.items() if value}
         if problems:
             raise ConversionError(f"verification failed: loading the written checkpoint reported {problems}")
-        if type(model).__name__ != ("LlavaVisionZipForConditionalGeneration" if self.method == "visionzip"
-                                    else "LlavaTrimForConditionalGeneration"):
+        if type(model) is not self.spec.generation_class:
             raise ConversionError(f"verification failed: the output loads as {type(model).__name__}")
         loaded = model.state_dict()
         if set(loaded) != set(self.expected):
@@ -677,8 +684,7 @@ class _Conversion:
             processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
         except Exception as error:  # noqa: BLE001
             raise ConversionError(f"verification failed: the written processor does not load: {error}")
-        wanted_processor = "LlavaProcessor" if self.method == "visionzip" else "LlavaTrimProcessor"
-        if type(processor).__name__ != wanted_processor:
+        if type(processor) is not self.spec.processor_class:
             raise ConversionError(f"verification failed: the processor loads as {type(processor).__name__}")
         if processor.image_token_id != config.image_token_id:
             raise ConversionError(
@@ -696,9 +702,7 @@ class _Conversion:
         self.apply_projector()
         processor, image_token_id = self.build_processor()
         config = self.build_config(processor, image_token_id)
-        from ..modeling import LlavaTrimForConditionalGeneration, LlavaVisionZipForConditionalGeneration
-
-        model_class = LlavaVisionZipForConditionalGeneration if self.method == "visionzip" else LlavaTrimForConditionalGeneration
+        model_class = self.spec.generation_class
         placement = OutputPlacement(self.out, self.request.overwrite)
         staging = placement.create()
         try:
@@ -738,7 +742,7 @@ class _Conversion:
         files = [p for p in directory.rglob("*") if p.is_file()]
         if self.dropped_buffers:
             self.notes.append(f"dropped {len(self.dropped_buffers)} recomputed buffers of SRC (position_ids / inv_freq)")
-        if self.method == "trim" and not self._src_trained_for_trim():
+        if self.spec.needs_clip_text_tower and not self._src_trained_for_trim():
             self.notes.append(
                 "TRIM on stock LLaVA weights is training-free; the authors' checkpoints were fine-tuned with TRIM active, "
                 "and training-free TRIM was reported to give poor output (docs/trim.md §8)"
@@ -817,15 +821,23 @@ def convert(request: ConversionRequest) -> ConversionResult:
     return result
 
 
-def convert_visionzip(src: str, out: str, **options) -> ConversionResult:
-    return convert(ConversionRequest(method="visionzip", src=str(src), out=str(out), **options))
+def converter_for(method: str) -> Callable[..., ConversionResult]:
+    """`convert_<method>(src, out, **options)`: the converter entry of a registered method (its registry
+    `convert_function` may name this, or its own function)."""
+
+    def convert_method(src: str, out: str, **options) -> ConversionResult:
+        return convert(ConversionRequest(method=method, src=str(src), out=str(out), **options))
+
+    convert_method.__name__ = convert_method.__qualname__ = f"convert_{method}"
+    convert_method.__doc__ = f"Convert SRC into a {REGISTRY[method].label} checkpoint at OUT (see `ConversionRequest`)."
+    return convert_method
 
 
-def convert_trim(src: str, out: str, **options) -> ConversionResult:
-    return convert(ConversionRequest(method="trim", src=str(src), out=str(out), **options))
+convert_visionzip = converter_for("visionzip")
+convert_trim = converter_for("trim")
 
 
 __all__ = [
-    "ConversionRequest", "ConversionResult", "convert", "convert_visionzip", "convert_trim", "push_to_hub",
+    "ConversionRequest", "ConversionResult", "convert", "converter_for", "convert_visionzip", "convert_trim", "push_to_hub",
     "DEFAULT_CLIP", "DTYPES", "INCOMPLETE_MARKER", "ConversionInterrupted",
 ]

@@ -21,10 +21,11 @@ import threading
 import uuid
 from pathlib import Path
 
+from ..methods import METHODS
 from .errors import ConversionError
 
 
-OUR_MODEL_TYPES = ("llava_visionzip", "llava_trim")
+OUR_MODEL_TYPES = tuple(method.model_type for method in METHODS.values())
 
 
 def _is_our_checkpoint(directory: Path) -> bool:

@@ -1,39 +1,27 @@
 """VisionZip and TRIM visual-token reduction for LLaVA, as Hugging Face Transformers models.
 
-Importing this package registers the model types with transformers' Auto classes, so
-`AutoModelForImageTextToText.from_pretrained(...)` resolves them without remote code.
+Importing this package registers every method of the registry (`llava_token_reduction.methods.METHODS`) with
+transformers' Auto classes, so `AutoModelForImageTextToText.from_pretrained(...)` resolves them without remote
+code. The public classes are those the `configuration` and `modeling` packages export; a new method adds its
+classes there and its entry to the registry, and needs no edit here.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, LlavaProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .configuration import LlavaTrimConfig, LlavaVisionZipConfig
-from .modeling import (
-    LlavaTrimForConditionalGeneration,
-    LlavaTrimModel,
-    LlavaTrimProcessor,
-    LlavaVisionZipForConditionalGeneration,
-    LlavaVisionZipModel,
-)
+from . import configuration, modeling
+from .configuration import *  # noqa: F403 - the config classes, listed in configuration.__all__
+from .methods import METHODS
+from .modeling import *  # noqa: F403 - the model and processor classes, listed in modeling.__all__
 
 
 __version__ = "0.1.0"
 
-AutoConfig.register(LlavaVisionZipConfig.model_type, LlavaVisionZipConfig, exist_ok=True)
-AutoModel.register(LlavaVisionZipConfig, LlavaVisionZipModel, exist_ok=True)
-AutoModelForImageTextToText.register(LlavaVisionZipConfig, LlavaVisionZipForConditionalGeneration, exist_ok=True)
-# VisionZip needs nothing beyond the stock processor: the model shortens the prompt itself.
-AutoProcessor.register(LlavaVisionZipConfig, LlavaProcessor, exist_ok=True)
-AutoConfig.register(LlavaTrimConfig.model_type, LlavaTrimConfig, exist_ok=True)
-AutoModel.register(LlavaTrimConfig, LlavaTrimModel, exist_ok=True)
-AutoModelForImageTextToText.register(LlavaTrimConfig, LlavaTrimForConditionalGeneration, exist_ok=True)
-AutoProcessor.register(LlavaTrimConfig, LlavaTrimProcessor, exist_ok=True)
+for _method in METHODS.values():
+    AutoConfig.register(_method.model_type, _method.config_class, exist_ok=True)
+    AutoModel.register(_method.config_class, _method.model_class, exist_ok=True)
+    AutoModelForImageTextToText.register(_method.config_class, _method.generation_class, exist_ok=True)
+    # A method whose model shortens the prompt itself uses the stock processor (registry: processor_class_name).
+    AutoProcessor.register(_method.config_class, _method.processor_class, exist_ok=True)
+del _method
 
-__all__ = [
-    "LlavaVisionZipConfig",
-    "LlavaVisionZipModel",
-    "LlavaVisionZipForConditionalGeneration",
-    "LlavaTrimConfig",
-    "LlavaTrimModel",
-    "LlavaTrimForConditionalGeneration",
-    "LlavaTrimProcessor",
-]
+__all__ = [*configuration.__all__, *modeling.__all__]

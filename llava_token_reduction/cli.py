@@ -17,6 +17,9 @@ import argparse
 import importlib
 import sys
 
+from .errors import UserError, print_failure
+from .methods import METHODS
+
 
 PROG = "llava-token-reduction"
 
@@ -32,14 +35,15 @@ COMMAND_MODULES = (
 )
 
 
-class CommandError(Exception):
-    """A failure the user can act on: printed as one line on stderr, without a traceback."""
+# A failure the user can act on: printed as one line on stderr, without a traceback (`errors.UserError`).
+CommandError = UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="VisionZip and TRIM visual-token reduction for LLaVA (Hugging Face transformers).",
+        description=" and ".join(method.label for method in METHODS.values())
+        + " visual-token reduction for LLaVA (Hugging Face transformers).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
@@ -67,11 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the command line reports every failure as one line
         if args.traceback:
             raise
-        reason = " ".join(str(error).split()) or type(error).__name__
-        print(f"{PROG} {args.command}: error: {reason}", file=sys.stderr)
-        if not isinstance(error, (CommandError, ValueError)):
-            print(f"({type(error).__name__}; run `{PROG} --traceback {args.command} ...` for details)", file=sys.stderr)
-        return 1
+        return print_failure(f"{PROG} {args.command}", error)
     return 0 if status is None else int(status)
 
 

@@ -42,16 +42,18 @@ class Option:
     def flag(self) -> str:
         return "--" + self.field.replace("_", "-")
 
-    def add_to(self, parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    def add_to(self, parser: argparse.ArgumentParser, help: str | None = None, type: Callable | None = None) -> None:
         """Add this option to `parser`. Its argparse default is None, meaning "the checkpoint's value"; a bool
-        option becomes `--flag` / `--no-flag`."""
+        option becomes `--flag` / `--no-flag`. `type` replaces the parsing of a non-bool value (e.g. a check
+        that the integer is not negative)."""
         fallback = "unset" if self.default is None else self.default
         text = help or f"{self.help} (default: the checkpoint's, else {fallback})"
         if self.type is bool:
             parser.add_argument(self.flag, dest=self.field, action=argparse.BooleanOptionalAction, default=None,
                                 help=text)
         else:
-            parser.add_argument(self.flag, dest=self.field, type=self.type, default=None, metavar="N", help=text)
+            parser.add_argument(self.flag, dest=self.field, type=type or self.type, default=None, metavar="N",
+                                help=text)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class ReductionMethod:
     describe_result: Callable  # (config, get_image_features output) -> what the first image's tokens are made of
     card_template: str  # file name in model_cards/
     card_fields: tuple[str, ...]  # the template's own placeholders (besides COMMON_CARD_FIELDS)
+    card_fields_reference: str  # "module:name" of (config, CardContext) -> those fields plus title and intro
+    convert_help: str  # the one-line help of `convert NAME`
     show_picture: str  # what `show` draws over the image
     show_selection: str  # the `show` function that computes one image's selection
     convert_function: str  # the converter entry that builds this method's checkpoints
@@ -103,6 +107,15 @@ class ReductionMethod:
     @property
     def processor_class(self):
         return _resolve(self.processor_class_name)
+
+    @property
+    def show_selection_function(self) -> Callable:
+        """(model, pixel_values of one image, **side inputs) -> `show.Selection`."""
+        return _resolve(self.show_selection)
+
+    @property
+    def card_fields_function(self) -> Callable:
+        return _resolve(self.card_fields_reference)
 
     def cli_options(self) -> tuple[Option, ...]:
         return tuple(option for option in self.options if option.cli)
@@ -151,6 +164,8 @@ VISIONZIP = ReductionMethod(
     card_template="visionzip.md",
     card_fields=("weights_note", "visionzip_layer", "dominant_tokens", "contextual_tokens", "tokens_per_image",
                  "budget_note"),
+    card_fields_reference="llava_token_reduction.conversion.method_cards:visionzip_card_fields",
+    convert_help="VisionZip (fixed budget, text-agnostic)",
     show_picture="dominant patches outlined, each merged group tinted, a dot on each group's target",
     show_selection="llava_token_reduction.show:visionzip_selection",
     convert_function="llava_token_reduction.conversion:convert_visionzip",
@@ -186,6 +201,8 @@ TRIM = ReductionMethod(
     describe_result=_trim_result,
     card_template="trim.md",
     card_fields=("training_warning", "iqr_multiplier", "mean_token", "score_sign", "coupling", "budget_description"),
+    card_fields_reference="llava_token_reduction.conversion.method_cards:trim_card_fields",
+    convert_help="TRIM (question-aware, adaptive count)",
     show_picture="heat map of the log scores, kept outliers outlined",
     show_selection="llava_token_reduction.show:trim_selection",
     convert_function="llava_token_reduction.conversion:convert_trim",

@@ -9,12 +9,11 @@ def twin(model, model_class, **fields):
     import torch
     from transformers import LlavaConfig
 
-    from . import LlavaTrimConfig, LlavaVisionZipConfig
+    from .methods import METHODS
 
     stock_fields = set(LlavaConfig().to_dict())
     reduction_fields = {
-        name for config_class in (LlavaVisionZipConfig, LlavaTrimConfig) for name in config_class().to_dict()
-        if name not in stock_fields
+        name for method in METHODS.values() for name in method.config_class().to_dict() if name not in stock_fields
     }
     values = {
         name: value for name, value in model.config.to_dict().items()

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .inputs import DEFAULT_QUESTION, chat_prompt
+from .methods import METHODS, get
+
 
 OUTLINE = (0, 255, 255)  # kept patches
 OUTLINE_WIDTH = 2
@@ -29,7 +32,6 @@ HEAT_ALPHA = 0.65
 HEADER_HEIGHT = 54
 PANEL_TARGET = 504  # pixels per panel side, rounded down to whole patches
 GAP = 8
-DEFAULT_QUESTION = "What is shown in this picture?"
 DEMO_NOTICE = "RANDOM WEIGHTS (embedded demo model): the layout is real, the choice of patches is arbitrary"
 
 
@@ -162,13 +164,15 @@ def render(image: np.ndarray, selection: Selection, notice: str | None = None):
         row, column = divmod(patch, grid)
         return slice(row * cell, (row + 1) * cell), slice(column * cell, (column + 1) * cell)
 
-    if selection.method == "visionzip":
+    # What is drawn follows what the selection carries (the registry's `show_picture` says it in words):
+    # merge groups are tinted, scores become a heat map, targets get a dot, kept patches an outline.
+    if selection.group is not None:
         colours = _group_colours(len(selection.targets or []))
         for patch, owner in enumerate(selection.group):
             if owner >= 0:
                 rows, columns = patch_slice(patch)
                 overlay[rows, columns] = (1 - TINT_ALPHA) * overlay[rows, columns] + TINT_ALPHA * colours[owner]
-    else:
+    if selection.scores is not None:
         # Softmax scores span orders of magnitude: colour by log score so the whole range shows.
         scores = np.log(np.clip(np.asarray(selection.scores, dtype=np.float64), 1e-30, None))
         span = scores.max() - scores.min()
@@ -184,7 +188,7 @@ def render(image: np.ndarray, selection: Selection, notice: str | None = None):
     canvas.paste(Image.fromarray(base.round().astype(np.uint8)), layout.left)
     canvas.paste(Image.fromarray(np.clip(overlay, 0, 255).round().astype(np.uint8)), layout.right)
     draw = ImageDraw.Draw(canvas)
-    if selection.method == "visionzip":
+    if selection.targets:
         radius = max(2, cell // 5)
         for target in selection.targets or []:
             x0, y0, x1, y1 = layout.patch_box(target)
@@ -209,49 +213,33 @@ def render(image: np.ndarray, selection: Selection, notice: str | None = None):
 # Models and inputs
 
 
-def build_demo_model(method: str, seed: int = 0):
-    """The embedded demo model (`tiny.DEMO_SHAPE`, random weights) and its image processor / CLIP tokenizer."""
-    import torch
+def build_demo_model(method, seed: int = 0, overrides: dict | None = None):
+    """The embedded demo model of `method` (a registry name or entry; `tiny.DEMO_SHAPE`, random weights, the
+    config's values replaced by `overrides`), its image processor and its processor."""
+    from .tiny import DEMO_SHAPE, build_method_model, build_method_processor
 
-    from . import LlavaTrimConfig, LlavaTrimForConditionalGeneration, LlavaVisionZipConfig, LlavaVisionZipForConditionalGeneration
-    from .tiny import DEMO_SHAPE, build_clip_tokenizer, build_image_processor, clip_text_config, llava_config_kwargs
-
-    torch.manual_seed(seed)
-    kwargs = llava_config_kwargs(DEMO_SHAPE)
-    clip_tokenizer = build_clip_tokenizer()
-    if method == "visionzip":
-        model = LlavaVisionZipForConditionalGeneration(LlavaVisionZipConfig(**kwargs))
-    else:
-        model = LlavaTrimForConditionalGeneration(LlavaTrimConfig(
-            **kwargs, clip_text_config=clip_text_config(DEMO_SHAPE, clip_tokenizer),
-            projection_dim=DEMO_SHAPE.projection_dim,
-        ))
-    return model.eval(), build_image_processor(DEMO_SHAPE), clip_tokenizer
+    method = get(method) if isinstance(method, str) else method
+    processor = build_method_processor(method, DEMO_SHAPE)
+    model = build_method_model(method, DEMO_SHAPE, processor=processor, seed=seed, **(overrides or {}))
+    return model, processor.image_processor, processor
 
 
-def load_model(path: str, method: str, dominant_tokens=None, contextual_tokens=None):
-    """A checkpoint (stock LLaVA, VisionZip or TRIM) loaded for `method`, with its image processor and
-    CLIP tokenizer (TRIM)."""
-    from transformers import AutoConfig, AutoProcessor
+def load_model(path: str, method, overrides: dict | None = None):
+    """A checkpoint (stock LLaVA or one of ours) loaded as `method` with the load-time `overrides`, with its
+    image processor and processor. A method that needs CLIP's text tower takes only its own checkpoints."""
+    from transformers import AutoConfig
 
-    from . import LlavaTrimForConditionalGeneration, LlavaVisionZipForConditionalGeneration
+    from .loading import load_checkpoint
 
-    config = AutoConfig.from_pretrained(path)
-    processor = AutoProcessor.from_pretrained(path)
-    if method == "visionzip":
-        overrides = {k: v for k, v in (("dominant_tokens", dominant_tokens), ("contextual_tokens", contextual_tokens)) if v is not None}
-        model = LlavaVisionZipForConditionalGeneration.from_pretrained(path, **overrides)
-        return model.eval(), processor.image_processor, None
-    if config.model_type != "llava_trim":
+    method = get(method) if isinstance(method, str) else method
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if method.needs_clip_text_tower and model_type != method.model_type:
         raise ValueError(
-            f"{path} is a {config.model_type!r} checkpoint: TRIM needs the CLIP text tower of a TRIM checkpoint "
-            "(make one with `llava-token-reduction convert trim SRC OUT --clip CLIP_SRC`)"
+            f"{path} is a {model_type!r} checkpoint: {method.label} needs the CLIP text tower of a {method.label} "
+            f"checkpoint (make one with `llava-token-reduction convert {method.name} SRC OUT --clip CLIP_SRC`)"
         )
-    model = LlavaTrimForConditionalGeneration.from_pretrained(path)
-    clip_tokenizer = getattr(processor, "clip_tokenizer", None)
-    if clip_tokenizer is None:
-        raise ValueError(f"{path} has no CLIP tokenizer in its processor")
-    return model.eval(), processor.image_processor, clip_tokenizer
+    model, processor = load_checkpoint(path, method, overrides=overrides)
+    return model.eval(), processor.image_processor, processor
 
 
 def _check_out(out, method: str) -> None:
@@ -267,36 +255,38 @@ def _check_out(out, method: str) -> None:
                          "use .png (or .jpg, .webp)")
 
 
-def show(image_path, method: str, question: str = DEFAULT_QUESTION, model_path=None, out="show.png",
-         dominant_tokens=None, contextual_tokens=None, seed: int = 0):
-    """Render the picture for one image and method; returns `(path, Selection, Layout)`."""
+def show(image_path, method, question: str = DEFAULT_QUESTION, model_path=None, out="show.png",
+         dominant_tokens=None, contextual_tokens=None, seed: int = 0, overrides: dict | None = None):
+    """Render the picture for one image and method (a registry name or entry); returns `(path, Selection,
+    Layout)`. `overrides` are config fields of the method (its `options`); `dominant_tokens` and
+    `contextual_tokens` are VisionZip's, kept for existing callers and ignored by other methods."""
     import torch
     from PIL import Image
 
-    if method not in ("visionzip", "trim"):
-        raise ValueError(f"method must be 'visionzip' or 'trim', got {method!r}")
-    _check_out(out, method)
+    method = get(method) if isinstance(method, str) else method
+    _check_out(out, method.name)
+    legacy = {"dominant_tokens": dominant_tokens, "contextual_tokens": contextual_tokens}
+    owned = {option.field for option in method.options}
+    overrides = {**{k: v for k, v in legacy.items() if v is not None and k in owned}, **(overrides or {})}
+    foreign = sorted(set(overrides) - owned)
+    if foreign:
+        raise ValueError(f"{method.label} has no setting {', '.join(foreign)}; its settings are {', '.join(sorted(owned))}")
     if model_path:
-        model, image_processor, clip_tokenizer = load_model(model_path, method, dominant_tokens, contextual_tokens)
+        model, image_processor, processor = load_model(model_path, method, overrides)
         notice = None
     else:
-        model, image_processor, clip_tokenizer = build_demo_model(method, seed)
-        if method == "visionzip" and (dominant_tokens is not None or contextual_tokens is not None):
-            if dominant_tokens is not None:
-                model.config.dominant_tokens = dominant_tokens
-            if contextual_tokens is not None:
-                model.config.contextual_tokens = contextual_tokens
-            model.config.validate_token_reduction()
+        model, image_processor, processor = build_demo_model(method, seed, overrides)
         notice = DEMO_NOTICE
     picture = Image.open(image_path).convert("RGB")
-    pixel_values = image_processor(images=picture, return_tensors="pt")["pixel_values"]
+    inputs = processor(images=picture, text=chat_prompt(processor, question), return_tensors="pt")
+    missing = [name for name in method.side_inputs if name not in inputs]
+    if missing:
+        raise ValueError(f"the processor ({type(processor).__name__}) gives no {', '.join(missing)}, which "
+                         f"{method.label} needs")
     dtype = next(model.model.vision_tower.parameters()).dtype
-    pixel_values = torch.as_tensor(np.asarray(pixel_values)).to(dtype)
-    if method == "visionzip":
-        selection = visionzip_selection(model, pixel_values)
-    else:
-        encoded = clip_tokenizer([question], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        selection = trim_selection(model, pixel_values, encoded["input_ids"], encoded["attention_mask"])
+    pixel_values = torch.as_tensor(np.asarray(inputs["pixel_values"])).to(dtype)
+    selection = method.show_selection_function(model, pixel_values, **{name: inputs[name] for name in method.side_inputs})
+    if method.side_inputs:  # the picture depends on the question
         selection.description += f'; question: "{question[:60]}"'
     image = pixels_to_image(pixel_values, image_processor.image_mean, image_processor.image_std)
     canvas, layout = render(image, selection, notice)
@@ -321,12 +311,16 @@ def register(subparsers) -> None:
         ),
     )
     parser.add_argument("--image", required=True, metavar="IMG", help="the image")
-    parser.add_argument("--method", required=True, choices=("visionzip", "trim"))
-    parser.add_argument("--question", default=DEFAULT_QUESTION, help=f"TRIM's question (default: {DEFAULT_QUESTION!r})")
-    parser.add_argument("--model", metavar="PATH", help="a checkpoint (stock LLaVA or VisionZip for visionzip; TRIM for trim)")
+    parser.add_argument("--method", required=True, choices=tuple(METHODS))
+    asked = ", ".join(method.label for method in METHODS.values() if method.side_inputs)
+    parser.add_argument("--question", default=DEFAULT_QUESTION,
+                        help=f"the question ({asked} take it into account; default: {DEFAULT_QUESTION!r})")
+    parser.add_argument("--model", metavar="PATH", help="a checkpoint: stock LLaVA or one of ours (a method that "
+                                                        "needs CLIP's text tower takes only its own)")
     parser.add_argument("--out", metavar="PNG", default=None, help="output file (default: show-METHOD.png)")
-    parser.add_argument("--dominant-tokens", type=int, metavar="N", help="VisionZip dominant tokens (CLS included)")
-    parser.add_argument("--contextual-tokens", type=int, metavar="N", help="VisionZip contextual tokens")
+    for method in METHODS.values():
+        for option in method.cli_options():
+            option.add_to(parser, help=f"{option.help} ({method.label} only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo model's random weights")
     parser.set_defaults(handler=run)
 
@@ -338,8 +332,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"image not found: {args.image}")
     out, selection, _ = show(
         args.image, args.method, question=args.question, model_path=args.model,
-        out=args.out or f"show-{args.method}.png", dominant_tokens=args.dominant_tokens,
-        contextual_tokens=args.contextual_tokens, seed=args.seed,
+        out=args.out or f"show-{args.method}.png", overrides=METHODS[args.method].overrides_from(args), seed=args.seed,
     )
     if not args.model:
         print(DEMO_NOTICE)

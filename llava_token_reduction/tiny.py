@@ -172,3 +172,40 @@ def trim_config_kwargs(shape: TinyShape = TEST_SHAPE, tokenizer=None, clip_token
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def method_config_kwargs(method, shape: TinyShape = TEST_SHAPE, tokenizer=None, clip_tokenizer=None) -> dict:
+    """Keyword arguments of `method`'s config (a `methods.ReductionMethod` or its name) for a small model of
+    `shape`: LLaVA's, plus CLIP's text tower when the method needs one."""
+    from .methods import get
+
+    method = get(method) if isinstance(method, str) else method
+    if method.needs_clip_text_tower:
+        return trim_config_kwargs(shape, tokenizer=tokenizer, clip_tokenizer=clip_tokenizer)
+    return llava_config_kwargs(shape, tokenizer=tokenizer)
+
+
+def build_method_processor(method, shape: TinyShape = TEST_SHAPE):
+    """The processor `method`'s checkpoints carry (`processor_class`), on the tiny tokenizers of `shape`."""
+    from .methods import get
+
+    method = get(method) if isinstance(method, str) else method
+    extra = {"clip_tokenizer": build_clip_tokenizer()} if method.needs_clip_text_tower else {}
+    return method.processor_class(
+        image_processor=build_image_processor(shape), tokenizer=build_llm_tokenizer(), patch_size=shape.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+        **extra,
+    )
+
+
+def build_method_model(method, shape: TinyShape = TEST_SHAPE, processor=None, seed: int | None = None, **fields):
+    """A random-weight `method` model (`generation_class`, eval mode) of `shape`, matching `processor`'s
+    tokenizers when given (else new tiny ones), its config's values replaced by `fields`."""
+    from .methods import get
+
+    method = get(method) if isinstance(method, str) else method
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs = method_config_kwargs(method, shape, tokenizer=getattr(processor, "tokenizer", None),
+                                  clip_tokenizer=getattr(processor, "clip_tokenizer", None))
+    return method.generation_class(method.config_class(**kwargs, **fields)).eval()

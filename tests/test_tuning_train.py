@@ -287,3 +287,19 @@ def test_truncated_state_file_is_named_and_latest_falls_back(checkpoints, datase
     captured = capsys.readouterr()
     assert str(last) in captured.err and "previous saved state" in captured.err
     assert f"resumed from {states[-2]}" in captured.out
+
+
+def test_tune_refuses_a_checkpoint_whose_weights_did_not_all_load(checkpoints, dataset, tmp_path, capsys):
+    """Before the shared loader, `tune` trained on a randomly initialised projector without a word."""
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints["visionzip"], broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights[next(name for name in weights if "multi_modal_projector" in name)]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    data_file, folder = dataset
+    argv = ["--model", broken, "--data", data_file, "--image-folder", folder, "--output-dir", tmp_path / "out",
+            "--no-progress", "--max-steps", 1]
+    assert main(list(map(str, argv))) == 1
+    assert "did not load cleanly: 1 missing" in capsys.readouterr().err

@@ -20,7 +20,6 @@ Output directory:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
@@ -28,23 +27,19 @@ import sys
 import time
 from pathlib import Path
 
-from .common import PROMPT_FORMATS, DataError
-
-
-try:  # the shared command line prints these as one line without a traceback
-    from ..cli import CommandError as _CommandErrorBase
-except ImportError:  # pragma: no cover - the command line module is optional for this one
-    _CommandErrorBase = Exception
-
-
-class TuningError(_CommandErrorBase):
-    """A failure the user can act on (bad data, wrong checkpoint, incompatible resume, failed verification)."""
+from ..inputs import FLOAT_DTYPES, parse_dtype
+from ..methods import METHODS, for_model_type
+from ..errors import print_failure
+from .common import PROMPT_FORMATS, DataError, TuningError  # noqa: F401 - TuningError re-exported
+from .state import (  # noqa: F401 - re-exported for callers of the old names
+    STATE_FILE, RunLog, _check_saved_weights, _checkpoint_dirs, _keep_trainable_weights, _read_state,
+    configure_trainable, tensor_digests,
+)
 
 
 PROG = "llava-token-reduction tune"
 TRAINABLE_CHOICES = ("projector", "projector+llm")
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-STATE_FILE = "trainer_state.json"
 UNREADABLE_FILE = "unreadable_images.jsonl"
 PROJECTOR_FILE = "projector.safetensors"
 PROJECTOR_PREFIX = "model.multi_modal_projector."
@@ -55,12 +50,14 @@ PROJECTOR_PREFIX = "model.multi_modal_projector."
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     io = parser.add_argument_group("model, data and output")
-    io.add_argument("--model", required=True, help="a llava_visionzip or llava_trim checkpoint directory (with processor)")
+    io.add_argument("--model", required=True, help="a checkpoint directory (with processor) of one of the methods: "
+                    + ", ".join(method.model_type for method in METHODS.values()))
     io.add_argument("--data", required=True, help="LLaVA instruction data: a JSON list or JSON Lines file")
     io.add_argument("--image-folder", help="folder the records' `image` paths are relative to")
     io.add_argument("--output-dir", required=True, help="where the projector, checkpoint, logs and states go")
-    io.add_argument("--dominant-tokens", type=int, help="VisionZip: override the checkpoint's dominant_tokens")
-    io.add_argument("--contextual-tokens", type=int, help="VisionZip: override the checkpoint's contextual_tokens")
+    for method in METHODS.values():
+        for option in method.cli_options():
+            option.add_to(io, help=f"{method.label}: override the checkpoint's {option.field}")
 
     data = parser.add_argument_group("data selection and encoding")
     data.add_argument("--fraction", type=float, help="train on this fraction of the records (0.1 = the 1/10 subset)")
@@ -137,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - one line unless --traceback
         if args.traceback:
             raise
-        print(f"{PROG}: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
-        return 1
+        return print_failure(PROG, error)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,83 +148,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _dtype(name):
+    """The save dtype: `inputs.parse_dtype` of a name or dtype; float32 when the checkpoint records none."""
     import torch
 
-    if isinstance(name, torch.dtype):
-        return name
-    if isinstance(name, str) and hasattr(torch, name.replace("torch.", "")):
-        value = getattr(torch, name.replace("torch.", ""))
-        if isinstance(value, torch.dtype):
-            return value
-    return torch.float32
-
-
-def tensor_digests(named_tensors, dtype) -> dict[str, str]:
-    """Per tensor, a hash of its bytes after casting to `dtype` (floating tensors only are cast)."""
-    import torch
-
-    digests = {}
-    for name, tensor in named_tensors:
-        tensor = tensor.detach()
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        data = tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes()
-        digests[name] = hashlib.blake2b(data, digest_size=16).hexdigest()
-    return digests
-
-
-def configure_trainable(model, trainable: str) -> list[str]:
-    """Freeze everything, then unfreeze the projector (and the language model and LM head). Returns the names
-    of the trainable parameters."""
-    model.requires_grad_(False)
-    model.model.multi_modal_projector.requires_grad_(True)
-    if trainable == "projector+llm":
-        model.model.language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
-    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-
-
-def _checkpoint_dirs(output_dir: Path) -> list[Path]:
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _read_state(directory: Path) -> dict:
-    """A saved state's trainer_state.json, or a TuningError naming the file when it is not a complete one."""
-    path = Path(directory) / STATE_FILE
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise TuningError(f"saved training state {path} is unreadable ({' '.join(str(error).split())})") from None
-    missing = [key for key in ("global_step", "epoch", "batch_in_epoch", "run") if key not in state] if isinstance(
-        state, dict) else ["everything"]
-    if missing:
-        raise TuningError(f"saved training state {path} is incomplete (no {', '.join(missing)})")
-    return state
-
-
-class RunLog:
-    """Loss and event records: JSON Lines on the main process, lines on stdout."""
-
-    def __init__(self, path: Path, enabled: bool, resume: bool):
-        self.enabled = enabled
-        self.handle = None
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(path, "a" if resume else "w", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        if self.handle is not None:
-            self.handle.write(json.dumps(record) + "\n")
-            self.handle.flush()
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-
+        return parse_dtype(name, allowed=(*FLOAT_DTYPES, "float64"))
+    except ValueError:
+        return torch.float32
 
 # The run -------------------------------------------------------------------------------------------------------
 
@@ -264,31 +190,36 @@ class Tuner:
 
     def _load_model(self):
         import torch
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig
 
         import llava_token_reduction  # noqa: F401 - registers the model types
 
+        from ..loading import load_checkpoint
         from ..modeling.modeling_reduced_llava import ReducedLlavaForConditionalGeneration
 
         args = self.args
         source_config = AutoConfig.from_pretrained(args.model)
-        if source_config.model_type not in ("llava_visionzip", "llava_trim"):
+        method = for_model_type(source_config.model_type)
+        if method is None:
+            types = " or ".join(entry.model_type for entry in METHODS.values())
             raise TuningError(
-                f"--model must be a llava_visionzip or llava_trim checkpoint, got model type "
-                f"{source_config.model_type!r}; convert it first (`llava-token-reduction convert visionzip|trim ...`)"
+                f"--model must be a {types} checkpoint, got model type {source_config.model_type!r}; convert it "
+                f"first (`llava-token-reduction convert {'|'.join(METHODS)} ...`)"
             )
-        overrides = {}
-        for name in ("dominant_tokens", "contextual_tokens"):
-            if getattr(args, name) is not None:
-                if source_config.model_type != "llava_visionzip":
-                    raise TuningError(f"--{name.replace('_', '-')} applies to VisionZip checkpoints only")
-                overrides[name] = getattr(args, name)
+        for other in METHODS.values():
+            for option in other.cli_options():
+                if other is not method and getattr(args, option.field, None) is not None:
+                    raise TuningError(f"{option.flag} applies to {other.label} checkpoints only")
+        overrides = method.overrides_from(args)
         self.save_dtype = _dtype(getattr(source_config, "dtype", None) if args.save_dtype == "auto" else args.save_dtype)
-        # fp32 master weights; --mixed-precision decides the compute precision.
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32, **overrides)
+        # fp32 master weights; --mixed-precision decides the compute precision. The loader refuses a checkpoint
+        # whose weights did not all load.
+        try:
+            model, processor = load_checkpoint(args.model, method, overrides=overrides, dtype=torch.float32)
+        except ValueError as error:
+            raise TuningError(str(error)) from None
         if not isinstance(model, ReducedLlavaForConditionalGeneration):
             raise TuningError(f"{args.model} did not load as a token-reducing LLaVA ({type(model).__name__})")
-        processor = AutoProcessor.from_pretrained(args.model)
         return model, processor
 
     def _resolve_resume(self) -> Path | None:
@@ -356,7 +287,8 @@ class Tuner:
                     f"{str(self.save_dtype).replace('torch.', '')} checkpoint; convert it with --dtype "
                     f"{str(half).replace('torch.', '')} first (or train without DeepSpeed)")
         config = model.config
-        trim = config.model_type == "llava_trim"
+        # The collator builds the per-image side inputs of the method (TRIM's CLIP rows of each question).
+        trim = bool(for_model_type(config.model_type).side_inputs)
         encoder = ConversationEncoder(processor, config.image_seq_length, config.image_token_id,
                                       args.prompt_format, args.max_length)
         samples, bad = load_samples(
@@ -451,9 +383,10 @@ class Tuner:
 
         unwrapped = accelerator.unwrap_model(model)
         model.train()
-        unwrapped.model.vision_tower.eval()
-        if trim:
-            unwrapped.model.clip_text_model.eval()
+        # Every frozen tower (the vision tower, a method's text tower) stays in eval mode.
+        for name, child in unwrapped.model.named_children():
+            if name not in ("multi_modal_projector", "language_model"):
+                child.eval()
         projector_params = list(unwrapped.model.multi_modal_projector.parameters())
         trainable_params = [p for p in model.parameters() if p.requires_grad]
         progress = tqdm(total=total_steps, initial=global_step, desc="tuning", unit="step",
@@ -608,26 +541,3 @@ class Tuner:
             raise TuningError(f"verification failed: frozen tensors differ from the input checkpoint: {changed[:5]}")
         summary["verified"] = True
         return summary
-
-
-def _keep_trainable_weights(models, weights, output_dir) -> None:
-    """accelerate save hook: store only trainable parameters in training states (frozen weights are in --model)."""
-    for number, model in enumerate(models):
-        names = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-        weights[number] = {name: tensor for name, tensor in weights[number].items() if name in names}
-
-
-def _check_saved_weights(directory: Path, accelerator, model) -> None:
-    """Before a non-strict load: the state must hold exactly the trainable parameters."""
-    from safetensors import safe_open
-
-    path = directory / "model.safetensors"
-    if not path.is_file():
-        raise TuningError(f"cannot resume from {directory}: no model.safetensors")
-    with safe_open(str(path), framework="pt") as handle:
-        saved = set(handle.keys())
-    names = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    if saved != names:
-        missing, extra = sorted(names - saved), sorted(saved - names)
-        raise TuningError(f"cannot resume from {directory}: its weights do not match the trainable parameters "
-                          f"(missing {missing[:3]}, unexpected {extra[:3]})")

@@ -1,0 +1,71 @@
+"""Each method's own model-card fields (`ReductionMethod.card_fields_function`): the placeholders of its
+template in `model_cards/` besides `COMMON_CARD_FIELDS`, plus the common `title` and `intro`.
+
+A function takes the checkpoint's config and a `model_card.CardContext` and returns a dict; `render_model_card`
+checks that it filled every field the registry entry lists.
+"""
+
+# The budgets the VisionZip paper reports (docs/visionzip.md §7): (dominant, contextual) -> tokens per image.
+PUBLISHED_VISIONZIP_BUDGETS = {(54, 10): 64, (108, 20): 128, (162, 30): 192}
+
+
+def visionzip_card_fields(config, context) -> dict:
+    published = PUBLISHED_VISIONZIP_BUDGETS.get((config.dominant_tokens, config.contextual_tokens))
+    if published:
+        budget_note = (f"This checkpoint's default budget, {config.tokens_per_image} tokens per image, is one of the "
+                       f"published ones: see the rows \"VisionZip {published}\""
+                       + (" and \"VisionZip‡ " + str(published) + "\" (tuned projector)."
+                          if context.tuned_projector else "."))
+    else:
+        budget_note = (f"This checkpoint's default budget ({config.dominant_tokens}+{config.contextual_tokens} = "
+                       f"{config.tokens_per_image} tokens per image) is not among the published budgets.")
+    return dict(
+        title=f"{context.repo_id.split('/')[-1]}: LLaVA with VisionZip ({config.tokens_per_image} image tokens)",
+        intro=f"{context.base} with **VisionZip** visual-token reduction: each image reaches the language model as "
+              f"{config.tokens_per_image} tokens instead of {config.image_seq_length}.",
+        weights_note=" except for a projector tuned for the reduced tokens" if context.tuned_projector else "",
+        visionzip_layer=config.visionzip_layer,
+        dominant_tokens=config.dominant_tokens,
+        contextual_tokens=config.contextual_tokens,
+        tokens_per_image=config.tokens_per_image,
+        budget_note=budget_note,
+    )
+
+
+def trim_card_fields(config, context) -> dict:
+    bounds = []
+    if config.trim_min_tokens is not None:
+        bounds.append(f"at least {config.trim_min_tokens}")
+    if config.trim_max_tokens is not None:
+        bounds.append(f"at most {config.trim_max_tokens}")
+    budget = "the number of kept patches depends on the image and the question"
+    budget += f" ({' and '.join(bounds)} patches)" if bounds else " (no bounds set)"
+    budget += ", plus one mean token." if config.trim_append_mean_token else "."
+    budget += (" Bounds can be set at load time, e.g. `from_pretrained(model_id, trust_remote_code=True, "
+               "trim_max_tokens=128)`.")
+    if context.source_is_trim_trained:
+        warning = ("These weights come from a checkpoint fine-tuned with TRIM active (projector and language model "
+                   "trained on the reduced tokens), as the authors released it.")
+    else:
+        warning = ("**Note:** these are LLaVA weights that were not trained with TRIM. The authors fine-tuned their "
+                   "released checkpoints with TRIM active, and TRIM applied training-free to stock LLaVA weights "
+                   "was reported to produce poor output. Evaluate before relying on it.")
+    return dict(
+        title=f"{context.repo_id.split('/')[-1]}: LLaVA with TRIM (question-aware token reduction)",
+        intro=f"{context.base} with **TRIM** visual-token reduction: each image keeps only the patches that CLIP's "
+              "question-conditioned scores single out, plus one token summarising the rest.",
+        training_warning=warning,
+        iqr_multiplier=config.trim_iqr_multiplier,
+        mean_token=(", and the mean of all the other patches is appended as one extra token"
+                    if config.trim_append_mean_token else " (this checkpoint appends no mean token)"),
+        score_sign=(
+            "As in the released TRIM code and checkpoints (`trim_negate_similarity=True`, this checkpoint's "
+            "setting), the softmax is taken over the *negated* dot product, which the authors trained with."
+            if config.trim_negate_similarity else
+            "This checkpoint scores by the plain dot product (`trim_negate_similarity=False`); the released "
+            "TRIM code and checkpoints negate it."
+        ),
+        coupling=(", pooled over all images of a call as in the released code" if config.trim_batch_coupled
+                  else " of each image, so an image gets the same tokens alone or in a batch"),
+        budget_description=budget,
+    )
