@@ -89,6 +89,10 @@ class FieldCheckedConfig:
     single_field_checks: dict = {}
 
     def __setattr__(self, key, value):
+        if key == "model_type":
+            # Loading a stock checkpoint (`model_type: "llava"`) into our class would otherwise shadow the class's
+            # own type on the instance, and everything that asks `config.model_type` would see "llava".
+            return
         check = type(self).single_field_checks.get(key)
         if check is not None:
             value = plain_scalar(value)  # np.int64(10) is stored as 10: JSON cannot hold numpy numbers

@@ -82,3 +82,18 @@ def test_numpy_and_torch_scalars_are_stored_as_plain_numbers(method, when, tmp_p
 def test_non_integer_arrays_and_floats_are_still_refused_for_int_fields(value):
     with pytest.raises(ValueError, match=r"`dominant_tokens` must be an int"):
         _config("visionzip", dominant_tokens=value)
+
+
+def test_a_stock_checkpoint_loaded_into_our_class_keeps_our_model_type(tmp_path):
+    """`from_pretrained(stock_dir)` must not leave the stock `model_type: "llava"` on the instance: the registry,
+    the tools and transformers' own look-ups ask `config.model_type`."""
+    from transformers import LlavaConfig
+
+    from llava_token_reduction import LlavaVisionZipConfig
+    from llava_token_reduction.tiny import TEST_SHAPE
+
+    LlavaConfig(**llava_config_kwargs(TEST_SHAPE)).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llava"
+    config = LlavaVisionZipConfig.from_pretrained(tmp_path, dominant_tokens=6, contextual_tokens=2)
+    assert config.model_type == "llava_visionzip"
+    assert config.to_dict()["model_type"] == "llava_visionzip"
