@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -580,11 +581,12 @@ def test_bfloat16_load_runs(visionzip_checkpoint_dir, plain_features):
 
 
 def test_checkpoints_saved_before_the_split_load_into_the_current_classes(run_isolated_python, tmp_path):
-    """The shipped toy checkpoints were saved before VisionZip and TRIM got their own files (their auto_map names
-    `modeling_llava_<method>.*`, their code ships `token_reduction.py`). With the package imported they load into
-    its classes (also under `trust_remote_code=True`) with a clean report, and give the image features their own
-    shipped code gives in a process without the package."""
-    from importlib.resources import files
+    """`tests/fixtures/pre_split_checkpoints.zip` holds tiny VisionZip and TRIM checkpoints whose remote code is the
+    code as saved before VisionZip and TRIM got their own files (their auto_map names `modeling_llava_<method>.*`,
+    their code ships `token_reduction.py`; zipped so that the old code stays an artefact, not a second copy of the
+    source). With the package imported they load into its classes (also under `trust_remote_code=True`) with a
+    clean report, and give the image features their own shipped code gives in a process without the package."""
+    import zipfile
 
     from PIL import Image
     from transformers import AutoProcessor
@@ -594,9 +596,12 @@ def test_checkpoints_saved_before_the_split_load_into_the_current_classes(run_is
     classes = {"visionzip": LlavaVisionZipForConditionalGeneration, "trim": LlavaTrimForConditionalGeneration}
     image = Image.fromarray(torch.randint(0, 256, (40, 56, 3), generator=torch.Generator().manual_seed(3),
                                           dtype=torch.uint8).numpy())
+    saved = tmp_path / "pre_split"
+    with zipfile.ZipFile(Path(__file__).parent / "fixtures" / "pre_split_checkpoints.zip") as archive:
+        archive.extractall(saved)
     expected = {}
     for kind, cls in classes.items():
-        directory = files("llava_token_reduction") / "assets" / "toy" / kind
+        directory = saved / kind
         assert json.loads((directory / "config.json").read_text())["auto_map"]["AutoModelForImageTextToText"] == (
             f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
         )
@@ -619,8 +624,7 @@ def test_checkpoints_saved_before_the_split_load_into_the_current_classes(run_is
         import torch
         from transformers import AutoModelForImageTextToText
 
-        for kind, directory in {{k: {os.fspath(files("llava_token_reduction") / "assets" / "toy")!r} + "/" + k
-                                for k in ("visionzip", "trim")}}.items():
+        for kind, directory in {{k: {os.fspath(saved)!r} + "/" + k for k in ("visionzip", "trim")}}.items():
             model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32, trust_remote_code=True)
             assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
             inputs = torch.load(kind + "_inputs.pt")
