@@ -98,5 +98,5 @@ def visionzip_object_report(root, split, budgets=((6, 2), (13, 3), (27, 5))) -> 
 
 def _dominant_patches(cls_attention, dominant: int) -> list[list[int]]:
     """Patch indices (0-based over the patches, CLS excluded) of the `dominant - 1` patches with the largest CLS
-    attention (`cls_attention` `[B, N]`, CLS first), as VisionZip keeps them (ALGORITHMS.md §1.2)."""
+    attention (`cls_attention` `[B, N]`, CLS first), as VisionZip keeps them (docs/visionzip.md §2)."""
     return [sorted(torch.topk(row[1:], dominant - 1).indices.tolist()) for row in cls_attention]
