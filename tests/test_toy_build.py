@@ -46,3 +46,52 @@ def test_build_command_smoke_run(tmp_path, capsys):
     trim = load_file(out / "trim" / "model.safetensors")
     (trim_key,) = [k for k in trim if "vision_tower" in k and k.endswith("embeddings.patch_embedding.weight")]
     assert torch.equal(clip["vision_model.embeddings.patch_embedding.weight"], trim[trim_key])
+
+
+def test_cached_tower_features_give_the_model_s_own_loss():
+    """Stage 2 runs the frozen tower once per image and trains on its cached output (`llava_loss`); the loss
+    and the projector's gradient must be what `LlavaForConditionalGeneration.forward` gives from the pixels."""
+    from transformers import CLIPModel
+
+    from llava_token_reduction.toy.train import build_clip, build_llava, build_toy_processor, llava_loss
+    from llava_token_reduction.toy.train import qa_batch, tower_features
+
+    torch.manual_seed(0)
+    clip: CLIPModel = build_clip()
+    model = build_llava(clip).eval()
+    processor = build_toy_processor()
+    train = make_split(TRAIN_SEED, 3, questions_per_image=2)
+    images = {i: scene.render() for i, scene in enumerate(train.scenes)}
+    questions = list(train.questions)
+    reference = model(**qa_batch(processor, questions, images))
+    reference.loss.backward()
+    reference_grad = model.model.multi_modal_projector.linear_1.weight.grad.clone()
+    model.zero_grad()
+    features = tower_features(model, processor, train.scenes, progress=False)
+    assert features.shape == (3, 64, 64)
+    batch = qa_batch(processor, questions)
+    assert torch.equal(batch["input_ids"], qa_batch(processor, questions, images)["input_ids"])
+    loss = llava_loss(model, batch, features[[q.image_index for q in questions]])
+    loss.backward()
+    torch.testing.assert_close(loss, reference.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.model.multi_modal_projector.linear_1.weight.grad, reference_grad,
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_toy_tokenizer_has_one_token_per_task_word():
+    from llava_token_reduction.toy.scenes import COLORS, NUMBER_WORDS, SHAPES
+    from llava_token_reduction.toy.train import build_toy_processor, prompt_text, qa_batch
+
+    processor = build_toy_processor()
+    tokenizer = processor.tokenizer
+    for word in (*COLORS, *SHAPES, *NUMBER_WORDS.values(), "yes", "no", "left", "right"):
+        (token,) = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode([token, tokenizer.eos_token_id], skip_special_tokens=True) == word
+    train = make_split(TRAIN_SEED, 40, questions_per_image=5)
+    for question in train.questions:
+        ids = tokenizer(prompt_text(processor, question.text))["input_ids"]
+        assert tokenizer.unk_token_id not in ids, question.text
+    assert tokenizer("What is a zebra?", add_special_tokens=False)["input_ids"].count(tokenizer.unk_token_id) == 1
+    # the fixed training length holds the longest prompt + answer without truncation
+    batch = qa_batch(processor, list(train.questions))
+    assert batch["input_ids"].shape[1] == 84 and (batch["attention_mask"][:, 0] == 0).any()

@@ -70,3 +70,25 @@ def test_captions_fit_clip_context():
     tokenizer = build_clip_tokenizer()
     longest = max((s.caption() for s in make_split(TRAIN_SEED, 300).scenes), key=len)
     assert len(tokenizer(longest)["input_ids"]) <= 77
+
+
+def test_contrastive_groups_differ_only_in_shape_colour_or_order():
+    """A CLIP batch is made of groups: a scene, its mirror image, one shape changed, one colour changed; the
+    four captions differ, so telling them apart takes shapes and left-to-right order, not only colours."""
+    from llava_token_reduction.toy.scenes import contrastive_group
+
+    rng = np.random.default_rng(0)
+    for index in range(30):
+        scene, mirror, shape_changed, color_changed = contrastive_group(rng, noise_seed=index)
+        assert len({s.caption() for s in (scene, mirror, shape_changed, color_changed)}) == 4
+        assert mirror.caption().split(", ") == scene.caption().split(", ")[::-1]
+        assert [o.side for o in mirror.objects] == [("left", "right")[o.side == "left"] for o in scene.objects]
+        for changed, attribute in ((shape_changed, "shape"), (color_changed, "color")):
+            if [(o.x, o.y) for o in changed.objects] != [(o.x, o.y) for o in scene.objects]:
+                continue  # no object could change: a fresh scene instead
+            differing = [(a, b) for a, b in zip(scene.objects, changed.objects) if a != b]
+            assert len(differing) == 1
+            before, after = differing[0]
+            assert getattr(before, attribute) != getattr(after, attribute)
+            assert (before.x, before.y, before.radius) == (after.x, after.y, after.radius)
+            assert len({o.name for o in changed.objects}) == len(changed.objects)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .scenes import TEST_SEED, TRAIN_SEED, make_split
-from .train import Recipe, build_clip_processor, build_toy_processor, train_clip, train_llava
+from .train import Recipe, build_clip_processor, build_toy_processor, clip_retrieval_accuracy, train_clip, train_llava
 
 
 # Half the bytes of float32, and the toy's accuracy does not notice (the shipped numbers are measured on it).
@@ -52,7 +52,7 @@ def build(out, recipe: Recipe = Recipe(), progress: bool = True, threads: int | 
     out.mkdir(parents=True, exist_ok=True)
     with torch_threads(threads):
         started = time.monotonic()
-        train = make_split(TRAIN_SEED, recipe.train_images)
+        train = make_split(TRAIN_SEED, recipe.train_images, recipe.questions_per_image)
         if clip_from:
             from transformers import CLIPModel
 
@@ -60,7 +60,10 @@ def build(out, recipe: Recipe = Recipe(), progress: bool = True, threads: int | 
         else:
             clip, clip_losses = train_clip(recipe, progress=progress)
         torch_dtype = getattr(torch, dtype)
+        # Rounded before stage 2, so that LLaVA trains on the tower it ships with.
         clip.to(torch_dtype).save_pretrained(out / "clip")
+        clip.float()
+        retrieval = clip_retrieval_accuracy(clip, groups=recipe.clip_check_groups)
         build_clip_processor().save_pretrained(out / "clip")
         clip_seconds = time.monotonic() - started
 
@@ -78,6 +81,8 @@ def build(out, recipe: Recipe = Recipe(), progress: bool = True, threads: int | 
             "train_questions": len(train.questions),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "clip_retrieval": round(retrieval, 4),
+            "llava_parameters": sum(p.numel() for p in llava.parameters()),
             "clip_seconds": round(clip_seconds, 1),
             "llava_seconds": round(llava_seconds, 1),
             "total_seconds": round(time.monotonic() - started, 1),

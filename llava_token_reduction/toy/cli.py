@@ -97,7 +97,8 @@ def run_build(args: argparse.Namespace) -> int:
 
     recipe = Recipe(seed=args.seed)
     if args.quick:
-        recipe = Recipe(seed=args.seed, train_images=64, clip_steps=3, clip_batch=8, llava_steps=3, llava_batch=4)
+        recipe = Recipe(seed=args.seed, train_images=64, clip_steps=3, clip_batch=8, llava_steps=3, llava_batch=4,
+                        clip_check_groups=4)
     changes = {k: v for k, v in (("clip_steps", args.clip_steps), ("llava_steps", args.llava_steps)) if v}
     if changes:
         from dataclasses import replace

@@ -10,7 +10,7 @@ object straddles the vertical centre line, so "left or right" always has an answ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -77,6 +77,40 @@ class Scene:
             else:
                 draw.polygon(((x, y - r), (x - r, y + r), (x + r, y + r)), fill=fill)
         return image
+
+
+def mirrored(scene: Scene) -> Scene:
+    """The scene flipped left to right (same noise): every side swaps and the caption's order reverses."""
+    return replace(scene, objects=tuple(replace(o, x=IMAGE_SIZE - o.x) for o in scene.objects))
+
+
+def changed_attribute(scene: Scene, rng: np.random.Generator, attribute: str) -> Scene | None:
+    """The scene with one object's `attribute` ("shape" or "color") changed so that the (colour, shape) pairs
+    stay distinct, or None if no object can change."""
+    present = {(o.color, o.shape) for o in scene.objects}
+    options = []
+    for index, item in enumerate(scene.objects):
+        for value in (SHAPES if attribute == "shape" else tuple(COLORS)):
+            pair = (item.color, value) if attribute == "shape" else (value, item.shape)
+            if value != getattr(item, attribute) and pair not in present:
+                options.append((index, value))
+    if not options:
+        return None
+    index, value = options[rng.integers(len(options))]
+    objects = list(scene.objects)
+    objects[index] = replace(objects[index], **{attribute: value})
+    return replace(scene, objects=tuple(objects))
+
+
+def contrastive_group(rng: np.random.Generator, noise_seed: int) -> list[Scene]:
+    """A scene and three hard negatives for contrastive training: mirrored, one shape changed, one colour
+    changed. Random scenes in a batch differ mostly by their colours, so a CLIP trained on them alone learns
+    colours and little else; in a group, only shape and left-to-right order tell the captions apart."""
+    scene = make_scene(rng, noise_seed)
+    group = [scene, mirrored(scene)]
+    for attribute in ("shape", "color"):
+        group.append(changed_attribute(scene, rng, attribute) or make_scene(rng, noise_seed))
+    return group
 
 
 @dataclass(frozen=True)

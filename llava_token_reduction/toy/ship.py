@@ -1,5 +1,10 @@
 """`toy ship BUILD`: copy a `toy build` output into the package (`assets/toy/`) with honest model cards, the
-bundled demo scene and the held-out accuracy table the demo prints."""
+bundled demo scene and the held-out accuracy table the demo prints.
+
+The shipped checkpoints carry no code: `convert` writes our modeling files and `auto_map` entries next to the
+weights so that a checkpoint on the hub loads with `trust_remote_code=True`, but inside the package those copies
+would only go stale next to `modeling/`. `import llava_token_reduction` registers the classes with the Auto
+classes, which is how the package's own checkpoints load (`strip_code`)."""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
+from ..conversion.foreign_code import strip_foreign_code
 from .scenes import TEST_SEED, make_split
+from .train import TASK_WORDS, TOY_SHAPE
 
 
 SHIPPED = ("llava", "visionzip", "trim")
@@ -57,12 +64,16 @@ tuning) without downloading anything. It is not LLaVA-1.5 and not a model of any
 - **This checkpoint:** {what}; {how}.
 - **Architecture:** LLaVA-1.5's in miniature. Vision tower: a CLIP ViT (112-px images, 14-px patches, 64 patches
   + CLS, 4 layers, width 64) trained contrastively with a 2-layer CLIP text tower on scene captions; projector:
-  LLaVA's two-layer GELU MLP; language model: a 2-layer Llama of width 128 with a byte-level tokenizer
-  (one token per byte). About 0.8 M parameters, stored in float16 (load with `dtype=torch.float32` on a CPU).
-- **Training:** CLIP {recipe['clip_steps']} steps x {recipe['clip_batch']} fresh scenes; LLaVA (vision tower frozen,
-  projector + language model from random initialisation) {recipe['llava_steps']} steps x {recipe['llava_batch']}
-  questions of the train split ({build_record['train_questions']} questions on {recipe['train_images']} scenes),
-  seed {recipe['seed']}, `llava-token-reduction toy build` ({build_record['total_seconds']:.0f} s on 2 shared CPU cores).
+  LLaVA's two-layer GELU MLP; language model: a {TOY_SHAPE.text_layers}-layer Llama of width {TOY_SHAPE.text_hidden} with a word-level
+  tokenizer over the task's {len(TASK_WORDS)} words (any other word is `<unk>`). {build_record['llava_parameters'] / 1e6:.1f} M parameters
+  (LLaVA), stored in float16 (load with `dtype=torch.float32` on a CPU).
+- **Training:** CLIP {recipe['clip_steps']} steps x {recipe['clip_batch']} fresh scenes (groups of a scene, its mirror
+  image, one shape changed, one colour changed); LLaVA (vision tower frozen, projector + language model from
+  random initialisation) {recipe['llava_steps']} steps x {recipe['llava_batch']} questions of the train split
+  ({build_record['train_questions']} questions on {recipe['train_images']} scenes), seed {recipe['seed']},
+  `llava-token-reduction toy build` ({build_record['total_seconds']:.0f} s on 2 shared CPU cores).
+- **Code:** none in this folder. It ships inside the `llava-token-reduction` package, whose import registers
+  the classes with transformers' Auto classes.
 - **Prompt:** LLaVA-1.5's format, `USER: <image>\\n{{question}} ASSISTANT:`; the processor's chat template
   writes it. Answers are one word (`red`, `triangle`, `yes`, `three`, `left`, ...).
 
@@ -77,7 +88,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-import llava_token_reduction  # registers the model types (or pass trust_remote_code=True)
+import llava_token_reduction  # registers the model types with the Auto classes
 from llava_token_reduction.toy import toy_checkpoint
 
 path = toy_checkpoint("{kind}")
@@ -92,6 +103,16 @@ print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 """
 
 
+def strip_code(directory) -> list[str]:
+    """Delete the `*.py` files of a checkpoint directory and every `auto_map` entry of its JSON files (with no
+    module left next to them, none names our code any more); returns the names of the deleted files."""
+    removed = sorted(path.name for path in Path(directory).rglob("*.py"))
+    for path in Path(directory).rglob("*.py"):
+        path.unlink()
+    strip_foreign_code(directory)
+    return removed
+
+
 def ship(build_dir, assets_dir, accuracy_table: str, tuned=None) -> Path:
     """Copy the checkpoints of `build_dir` (and, from a `toy tune` output `tuned`, its projector and report)."""
     build_dir, assets_dir = Path(build_dir), Path(assets_dir)
@@ -101,7 +122,8 @@ def ship(build_dir, assets_dir, accuracy_table: str, tuned=None) -> Path:
         target = assets_dir / kind
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(build_dir / kind, target)
+        shutil.copytree(build_dir / kind, target, ignore=shutil.ignore_patterns("__pycache__"))
+        strip_code(target)
         (target / "README.md").write_text(model_card(kind, record, accuracy_table))
     shutil.copy(build_dir / "build.json", assets_dir / "build.json")
     (assets_dir / ACCURACY_FILE).write_text(accuracy_table + "\n")

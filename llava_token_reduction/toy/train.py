@@ -1,10 +1,13 @@
-"""Training the toy models from nothing: a tiny CLIP (contrastive, on scene captions), then a tiny LLaVA
-(that CLIP's vision tower frozen, a fresh projector and a small Llama, trained together on the QA train split).
+"""Training the toy models from nothing: a tiny CLIP (contrastive, on scene captions with hard negatives), then
+a tiny LLaVA (that CLIP's vision tower frozen, a fresh projector and a small Llama, trained together on the QA
+train split).
 
 The LLaVA stage is LLaVA's stage 2 without a stage 1 (there is no pretrained language model to align to):
 projector and language model learn from random initialisation on the answers alone (the prompt is masked
-out of the loss), with the vision tower frozen. Both stages are seeded and run on the CPU; a run is
-deterministic for a given torch version and thread count.
+out of the loss), with the vision tower frozen. As the tower is frozen, its features of every training image
+are computed once and reused for every step (`tower_features`, `llava_loss`), which is what makes thousands
+of steps fit in minutes. Both stages are seeded and run on the CPU; a run is deterministic for a given torch
+version and thread count.
 """
 
 from __future__ import annotations
@@ -15,22 +18,34 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPModel, CLIPProcessor, LlavaConfig, LlavaForConditionalGeneration
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    CLIPConfig, CLIPModel, CLIPProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
-from ..tiny import TinyShape, build_clip_tokenizer, build_image_processor, build_llm_tokenizer, build_processor
+from ..tiny import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, TinyShape, build_clip_tokenizer, build_image_processor
 from ..tiny import clip_text_config, llava_config_kwargs
-from .scenes import Question, Split, make_scene
+from .scenes import COLORS, NUMBER_WORDS, SHAPES, Question, Split, contrastive_group, make_scene
 
 
-# LLaVA-1.5 in miniature: 112-pixel images, 14-pixel patches (64 patches + CLS), a 4-layer ViT, a 2-layer
+# LLaVA-1.5 in miniature: 112-pixel images, 14-pixel patches (64 patches + CLS), a 4-layer ViT, a 3-layer
 # Llama. Default initialiser range (0.02): these weights are trained, not drawn for tests.
 TOY_SHAPE = TinyShape(
     image_size=112, patch_size=14, vision_hidden=64, vision_layers=4, vision_heads=4, projection_dim=32,
-    text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=4, clip_text_hidden=64, clip_text_layers=2,
+    text_hidden=128, text_layers=3, text_heads=4, text_kv_heads=4, clip_text_hidden=64, clip_text_layers=2,
     text_initializer_range=0.02,
 )
 CLIP_DATA_SEED = 3  # scenes for contrastive training are drawn fresh from this seed, never from the splits
-QA_LENGTH = 64 + 80  # image placeholders + the longest question and answer with the template, in bytes
+CLIP_CHECK_SEED = 4  # the held-out scene groups of `clip_retrieval_accuracy`
+QA_LENGTH = 64 + 20  # image placeholders + the longest question and answer with the template (18 words)
+# The toy language model's vocabulary: the chat template's words, the questions' and the answers'. One token
+# per word, so an answer is one token and a question a handful (with bytes, the first pass's 2-layer model
+# had to spell `What shape is the red object?` out of 29 tokens and learned shapes hardly at all).
+TASK_WORDS = (
+    "user", "assistant", ":", "?", "what", "color", "shape", "is", "the", "object", "there", "a", "how", "many",
+    "shapes", "are", "on", "left", "or", "right", "yes", "no", *COLORS, *SHAPES, *NUMBER_WORDS.values(),
+)
 
 
 @dataclass(frozen=True)
@@ -39,20 +54,40 @@ class Recipe:
 
     seed: int = 0
     train_images: int = 6000
+    questions_per_image: int = 5  # every kind the scene answers (the tower's features are computed once per image)
     test_images: int = 250
-    clip_steps: int = 500
+    clip_steps: int = 400
     clip_batch: int = 64
     clip_lr: float = 2e-3
-    llava_steps: int = 1000
+    llava_steps: int = 2000
     llava_batch: int = 32
     llava_lr: float = 1.5e-3
     warmup_fraction: float = 0.05
+    clip_check_groups: int = 100  # held-out groups for `clip_retrieval_accuracy`
 
 
-def build_toy_processor(shape: TinyShape = TOY_SHAPE):
-    """The toy's stock `LlavaProcessor`: CLIP image processing at 112 px, the project's byte-level tokenizer
-    (one token per byte, `tiny.build_llm_tokenizer`) and LLaVA-1.5's chat template."""
-    return build_processor(shape)
+def build_toy_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `TASK_WORDS` (lower-cased; words split at spaces and punctuation) with
+    Llama's special tokens and `<image>`; any other word is `<unk>`. Decoding joins words with spaces."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+    vocab = {token: index for index, token in enumerate([*specials, *TASK_WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left",
+    )
+
+
+def build_toy_processor(shape: TinyShape = TOY_SHAPE) -> LlavaProcessor:
+    """The toy's stock `LlavaProcessor`: CLIP image processing at 112 px, the word-level tokenizer and
+    LLaVA-1.5's chat template; one `<image>` expands to 64 placeholders (CLS dropped, as llava-hf)."""
+    return LlavaProcessor(
+        image_processor=build_image_processor(shape), tokenizer=build_toy_tokenizer(), patch_size=shape.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    )
 
 
 def lr_factor(step: int, steps: int, warmup_fraction: float) -> float:
@@ -104,20 +139,35 @@ def train_clip(recipe: Recipe, shape: TinyShape = TOY_SHAPE, progress: bool = Tr
     losses = []
     bar = tqdm(range(recipe.clip_steps), desc="CLIP (contrastive)", disable=not progress)
     for step in bar:
-        scenes = [make_scene(rng, noise_seed=CLIP_DATA_SEED * 7_000_001 + step * recipe.clip_batch + i)
-                  for i in range(recipe.clip_batch)]
-        batch = processor(
-            images=[scene.render() for scene in scenes], text=[scene.caption() for scene in scenes],
-            padding="max_length", max_length=77, return_tensors="pt",
-        )
-        loss = model(**batch, return_loss=True).loss
+        scenes = [scene for i in range(recipe.clip_batch // 4)
+                  for scene in contrastive_group(rng, noise_seed=CLIP_DATA_SEED * 7_000_001 + step * recipe.clip_batch + i)]
+        loss = model(**_clip_inputs(processor, scenes), return_loss=True).loss
         _optimizer_step(loss, list(model.parameters()), optimizer, scheduler, losses, bar)
     return model.eval(), losses
 
 
+def _clip_inputs(processor, scenes) -> dict:
+    return processor(images=[scene.render() for scene in scenes], text=[scene.caption() for scene in scenes],
+                     padding="max_length", max_length=77, return_tensors="pt")
+
+
+def clip_retrieval_accuracy(model: CLIPModel, groups: int = 100, shape: TinyShape = TOY_SHAPE) -> float:
+    """How often an image's own caption scores highest among its group's four (itself mirrored, one shape
+    changed, one colour changed; chance 25%), on groups drawn from `CLIP_CHECK_SEED`: whether the tower tells
+    shapes and left from right, not only colours."""
+    processor = build_clip_processor(shape)
+    rng = np.random.default_rng(CLIP_CHECK_SEED)
+    hits = []
+    with torch.no_grad():
+        for index in range(groups):
+            logits = model(**_clip_inputs(processor, contrastive_group(rng, CLIP_CHECK_SEED * 7_000_001 + index)))
+            hits += (logits.logits_per_image.argmax(dim=1) == torch.arange(4)).tolist()
+    return float(np.mean(hits))
+
+
 def build_llava(clip: CLIPModel, shape: TinyShape = TOY_SHAPE) -> LlavaForConditionalGeneration:
     """A stock LLaVA whose vision tower is `clip`'s (copied, frozen); projector and Llama at random."""
-    model = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs(shape, build_llm_tokenizer())))
+    model = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs(shape, build_toy_tokenizer())))
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict(), strict=True)
     model.model.vision_tower.requires_grad_(False)
     return model
@@ -128,16 +178,20 @@ def prompt_text(processor, question: str) -> str:
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
-def qa_batch(processor, questions: list[Question], images) -> dict:
-    """Prompt + ' answer</s>' per question, left-padded, with the loss on the answer and `</s>` only."""
+def qa_batch(processor, questions: list[Question], images=None) -> dict:
+    """Prompt + ' answer</s>' per question, left-padded, with the loss on the answer and `</s>` only.
+    `images` (indexed by `Question.image_index`): add their `pixel_values`; None: text only, for
+    `llava_loss` on cached tower features."""
     tokenizer = processor.tokenizer
     answers = [" " + q.answer for q in questions]
     texts = [prompt_text(processor, q.text) + answer + tokenizer.eos_token for q, answer in zip(questions, answers)]
     # One fixed length: every step then reuses the same kernels (varying shapes make CPU steps several times slower).
-    batch = processor(
-        images=[images[q.image_index] for q in questions], text=texts, padding="max_length", max_length=QA_LENGTH,
-        return_tensors="pt",
-    )
+    if images is None:
+        texts = [text.replace(IMAGE_TOKEN, IMAGE_TOKEN * TOY_SHAPE.patches) for text in texts]
+        batch = tokenizer(texts, padding="max_length", max_length=QA_LENGTH, return_tensors="pt")
+    else:
+        batch = processor(images=[images[q.image_index] for q in questions], text=texts, padding="max_length",
+                          max_length=QA_LENGTH, return_tensors="pt")
     labels = torch.full_like(batch["input_ids"], -100)
     for row, answer in enumerate(answers):
         tail = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1  # + </s>
@@ -146,25 +200,52 @@ def qa_batch(processor, questions: list[Question], images) -> dict:
     return batch
 
 
+def tower_features(model: LlavaForConditionalGeneration, processor, scenes, batch_size: int = 100,
+                   progress: bool = True) -> torch.Tensor:
+    """The frozen vision tower's output for each scene, as LLaVA selects it before the projector (the
+    config's `vision_feature_layer`, CLS dropped for the "default" strategy): (scenes, patches, vision width)."""
+    config = model.config
+    if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+        raise ValueError("tower_features expects one vision_feature_layer and the 'default' select strategy")
+    chunks = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(scenes), batch_size), desc="vision tower (frozen, once)", disable=not progress):
+            images = [scene.render() for scene in scenes[start:start + batch_size]]
+            pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            hidden = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+            chunks.append(hidden[config.vision_feature_layer][:, 1:])
+    return torch.cat(chunks)
+
+
+def llava_loss(model: LlavaForConditionalGeneration, batch: dict, features: torch.Tensor) -> torch.Tensor:
+    """LLaVA's training loss with the vision tower's output given (`features`: one row per image, in
+    placeholder order): the projector and the placeholder scatter `LlavaModel.forward` does after the tower,
+    then the language model on `inputs_embeds`. Equal to `model(**batch_with_pixels).loss` (tested)."""
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    image_embeds = model.model.multi_modal_projector(features).to(embeds.dtype)
+    mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(mask, image_embeds)
+    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
 def train_llava(clip: CLIPModel, train: Split, recipe: Recipe, shape: TinyShape = TOY_SHAPE,
                 progress: bool = True) -> tuple[LlavaForConditionalGeneration, list[float]]:
     torch.manual_seed(recipe.seed)
     model = build_llava(clip, shape).train()
     processor = build_toy_processor(shape)
+    features = tower_features(model, processor, train.scenes, progress=progress)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = _optimizer(trainable, recipe.llava_lr, recipe.llava_steps, recipe.warmup_fraction)
     generator = torch.Generator().manual_seed(recipe.seed)
     order: list[int] = []
     losses = []
-    images: dict[int, object] = {}
     bar = tqdm(range(recipe.llava_steps), desc="LLaVA (projector + LM)", disable=not progress)
     for step in bar:
         if len(order) < recipe.llava_batch:
             order += torch.randperm(len(train.questions), generator=generator).tolist()
         picked, order = order[: recipe.llava_batch], order[recipe.llava_batch:]
         questions = [train.questions[i] for i in picked]
-        needed = {q.image_index for q in questions}
-        images = {i: images[i] if i in images else train.scenes[i].render() for i in needed}
-        loss = model(**qa_batch(processor, questions, images)).loss
+        batch = qa_batch(processor, questions)
+        loss = llava_loss(model, batch, features[[q.image_index for q in questions]])
         _optimizer_step(loss, trainable, optimizer, scheduler, losses, bar)
     return model.eval(), losses

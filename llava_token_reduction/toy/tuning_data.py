@@ -25,8 +25,10 @@ def write_instruction_data(out, split: str = "train", images: int | None = None,
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    seed, default_images = (TRAIN_SEED, Recipe().train_images) if split == "train" else (TEST_SEED, TEST_IMAGES)
-    data = make_split(seed, images or default_images)
+    recipe = Recipe()
+    seed, default_images, per_image = ((TRAIN_SEED, recipe.train_images, recipe.questions_per_image)
+                                       if split == "train" else (TEST_SEED, TEST_IMAGES, 2))
+    data = make_split(seed, images or default_images, per_image)
     questions = data.questions[:max_records] if max_records else data.questions
     written = set()
     records = []
