@@ -142,3 +142,9 @@ def test_the_registry_names_the_conversion_hook(stock, tmp_path, monkeypatch):
     assert dict(plan.config_fields) == {"dominant_tokens": 20, "visionzip_layer": -4} and plan.notes == ("hook ran",)
     assert seen[0].source_format == "stock" and seen[0].source_has_text_tower is False
     assert methods.VISIONZIP.conversion_hook is None and methods.TRIM.conversion_hook_function is not None
+
+
+@pytest.mark.parametrize("name", list(methods.METHODS))
+def test_every_registered_conversion_hook_resolves(name):
+    method = methods.get(name)
+    assert method.conversion_hook is None or callable(method.conversion_hook_function)
