@@ -55,7 +55,8 @@ def render_card(plan: ConversionPlan, built: BuiltCheckpoint, warnings: list[str
     return render_model_card(
         built.config, repo_id=repo_id(plan), base_models=base_models(plan), license=license_of(plan),
         tuned_projector=plan.request.projector is not None, source_format=plan.format,
-        source_is_trim_trained=plan.format == "original" and any(k.startswith(CLIP_TEXT_PREFIX) for k in built.tensors),
+        # The text tower came with SRC (not from --clip): the weights were fine-tuned with it.
+        source_is_trim_trained=plan.format == "original" and plan.has_tensors(CLIP_TEXT_PREFIX, origin="SRC"),
         extra_notes=warnings,  # e.g. a --force'd mismatch
     )
 

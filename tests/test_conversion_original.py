@@ -147,6 +147,16 @@ def test_released_trim_layout_as_visionzip_fails_with_the_text_tower_keys(releas
     assert not (tmp_path / "vz").exists()
 
 
+def test_original_llava_without_a_text_tower_is_not_carded_as_trim_trained(clip, tmp_path):
+    """The CLIP text tower added from --clip does not make the weights TRIM-trained: card and note agree."""
+    directory = tmp_path / "llava-v1.5"
+    save_original(directory, vision_tower=str(clip[0]))
+    result = convert_trim(directory, tmp_path / "out", clip=str(clip[0]), progress=False)
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "not trained with TRIM" in readme and "fine-tuned with TRIM active" not in readme
+    assert any("training-free" in note for note in result.notes)
+
+
 def test_fixed_ratio_reduce_func_becomes_equal_bounds(clip, tmp_path):
     directory = tmp_path / "ratio"
     save_original(directory, vision_tower=str(clip[0]), with_vision=True, clip=clip[1], reduce_func="TextSim:0.25")
