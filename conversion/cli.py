@@ -20,7 +20,7 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return value
@@ -46,8 +46,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="stock transformers LLaVA or original LLaVA-codebase checkpoint: "
                                                     "a local directory or a hub id")
     parser.add_argument("out", metavar="OUT", help="output directory (must not exist, unless --overwrite)")
-    parser.add_argument("--projector", metavar="FILE", help="replace the projector: mm_projector.bin or .safetensors "
-                                                            "(model.mm_projector.{0,2}.* or multi_modal_projector.linear_{1,2}.*)")
+    parser.add_argument("--projector", metavar="FILE",
+                        help="replace the projector: mm_projector.bin or .safetensors "
+                             "(model.mm_projector.{0,2}.* or multi_modal_projector.linear_{1,2}.*)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="store every floating tensor in "
                                                                                     "this dtype (default: SRC's)")
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB", help=_SHARD_SIZE_HELP)
@@ -99,7 +100,8 @@ def request_from_args(args: argparse.Namespace):
 
     return ConversionRequest(
         method=args.method, src=args.src, out=args.out, clip=args.clip, projector=args.projector,
-        overrides=METHODS[args.method].overrides_from(args), dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite, force=args.force,
+        overrides=METHODS[args.method].overrides_from(args), dtype=args.dtype, max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite, force=args.force,
         push_to_hub=args.push_to_hub, private=args.private, repo_id=args.repo_id, base_models=args.base_models,
         license=args.license, pad_vocab_multiple=args.pad_vocab_multiple, progress=args.progress,
     )

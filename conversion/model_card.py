@@ -1,14 +1,14 @@
 """Render the README.md (model card) of a converted checkpoint from the templates in `model_cards/`.
 
 The templates use `string.Template` placeholders (`$name`), which never clash with the braces of the Python
-snippets. Published numbers live in the templates themselves (from docs/visionzip.md §7 and docs/trim.md §9); this module
-fills in what depends on the checkpoint: repository id, base models, license, budget, conversion notes.
+snippets. Published numbers live in the templates themselves (from docs/visionzip.md §7 and docs/trim.md §9);
+this module fills in what depends on the checkpoint: repository id, base models, license, budget, conversion notes.
 """
 
 import importlib.resources
 import json
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from string import Template
 
 from ..methods import COMMON_CARD_FIELDS, METHODS, for_model_type
@@ -76,10 +76,12 @@ def render_model_card(
     model_type = getattr(config, "model_type", None)
     method = for_model_type(model_type)
     if method is None:
-        raise ValueError(f"no model card template for model_type {model_type!r}; expected one of {sorted(TEMPLATE_NAMES)}")
+        raise ValueError(f"no model card template for model_type {model_type!r}; expected one of "
+                         f"{sorted(TEMPLATE_NAMES)}")
     base_models = [b for b in base_models if b]
     base = f"`{base_models[0]}`" if base_models else "a LLaVA-1.5 checkpoint"
-    source_kind = "a transformers LLaVA checkpoint" if source_format == "stock" else "an original LLaVA-codebase checkpoint"
+    source_kind = ("a transformers LLaVA checkpoint" if source_format == "stock"
+                   else "an original LLaVA-codebase checkpoint")
     notes = [
         f"Converted by `llava-token-reduction convert {method.name}` "
         f"from {base} ({source_kind}).",

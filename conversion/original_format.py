@@ -1,6 +1,6 @@
 """Reading original LLaVA-codebase checkpoints as they are published (liuhaotian/llava-v1.5-*, the released TRIM
-checkpoints): their sentencepiece-only tokenizer, their `mm_vision_tower` paths and the TRIM setting spellings.
-docs/trim.md §10 describes the rules.
+checkpoints): their sentencepiece-only tokenizer and their `mm_vision_tower` paths (the TRIM setting spellings
+are TRIM's conversion hook, `method_conversion.py`; docs/trim.md §10 describes the rules).
 """
 
 import importlib
@@ -35,25 +35,6 @@ def vision_tower_fallback(reference: str) -> str:
     if looks_like_local_path(reference) or not is_hub_id(reference):
         return DEFAULT_CLIP
     return reference
-
-
-def parse_reduce_func(value) -> tuple[bool, float]:
-    """`(append the mean token, keep ratio or -1 for the adaptive count)` of a LLaVA-codebase
-    `mm_vision_token_reduce_func`, in the public TRIM code's spelling `TRIM:<k>` (mean token appended) or the
-    older `TextSim:<k>` (no mean token) / `TextSim+:<k>` (mean token). `k` is -1 or a ratio in (0, 1]."""
-    text = str(value).strip()
-    method, _, number = text.partition(":")
-    means = {"TRIM": True, "TextSim+": True, "TextSim": False}
-    allowed = "TRIM:<k>, TextSim:<k> or TextSim+:<k>, with k = -1 (adaptive) or a ratio in (0, 1]"
-    if method not in means:
-        raise ConversionError(f"SRC's mm_vision_token_reduce_func {value!r} is not a TRIM setting; expected {allowed}")
-    try:
-        ratio = float(number) if number else -1.0
-    except ValueError:
-        ratio = None
-    if ratio is None or not (ratio == -1.0 or 0.0 < ratio <= 1.0):
-        raise ConversionError(f"SRC's mm_vision_token_reduce_func {value!r} has an invalid k; expected {allowed}")
-    return means[method], ratio
 
 
 def _importable(module: str) -> bool:
@@ -96,11 +77,11 @@ def load_original_tokenizer(src_dir: Path, notes: list):
             tokenizer = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False, legacy=legacy,
                                                       padding_side="left")
     except Exception as error:  # noqa: BLE001
-        raise ConversionError(f"SRC {src_dir} has no usable tokenizer files: {error}")
+        raise ConversionError(f"SRC {src_dir} has no usable tokenizer files: {error}") from None
     tokenizer.init_kwargs["legacy"] = legacy  # saved, so that the output tokenises the same way
     if settings.get("padding_side", "left") != "left":
         notes.append(f"tokenizer padding side {settings['padding_side']!r} -> 'left' (batched generation)")
     return tokenizer
 
 
-__all__ = ["DEFAULT_CLIP", "OPENAI_CLIP_NAMES", "load_original_tokenizer", "parse_reduce_func", "vision_tower_fallback"]
+__all__ = ["DEFAULT_CLIP", "OPENAI_CLIP_NAMES", "load_original_tokenizer", "vision_tower_fallback"]

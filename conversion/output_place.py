@@ -117,7 +117,9 @@ class OutputPlacement:
             raise ConversionError(f"output {self.out} became a symbolic link during the conversion; not replaced")
         if self.out.exists():
             if not self.overwrite:
-                raise ConversionError(f"output {self.out} appeared during the conversion; pass --overwrite to replace it")
+                raise ConversionError(
+                    f"output {self.out} appeared during the conversion; pass --overwrite to replace it"
+                )
             check_output(self.out, self.overwrite)  # it may have changed while we converted
             retired = self.out.parent / f".{self.out.name}.replaced-{uuid.uuid4().hex[:8]}"
             with _ctrl_c_held_back():

@@ -57,7 +57,8 @@ def snapshot(repo_id: str, *, weights: bool = True) -> str:
             local = snapshot_download(repo_id, allow_patterns=[*_METADATA_PATTERNS, "*.bin"])
         return local
     except Exception as error:  # noqa: BLE001 - any hub failure becomes one readable line
-        raise ConversionError(f"cannot fetch {repo_id!r} from the Hugging Face hub: {' '.join(str(error).split())}")
+        reason = " ".join(str(error).split())
+        raise ConversionError(f"cannot fetch {repo_id!r} from the Hugging Face hub: {reason}") from None
 
 
 def resolve_checkpoint(reference: str, what: str, *, weights: bool = True) -> Path:
@@ -80,7 +81,7 @@ def read_config(directory: Path, what: str) -> dict:
         with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
     except (OSError, ValueError) as error:
-        raise ConversionError(f"{what} config {path} is not readable JSON: {error}")
+        raise ConversionError(f"{what} config {path} is not readable JSON: {error}") from None
     if not isinstance(config, dict):
         raise ConversionError(f"{what} config {path} is not a JSON object")
     return config
@@ -99,7 +100,7 @@ def _load_pickled_tensors(path: Path, what: str) -> dict:
         reason = " ".join(str(error).split())[:300]
         raise ConversionError(
             f"{what} {path} is not a plain PyTorch tensor file (refusing to unpickle anything else): {reason}"
-        )
+        ) from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in data.items()):
         raise ConversionError(f"{what} {path} must hold a dict of name -> tensor, got {type(data).__name__}")
     return data
@@ -119,7 +120,9 @@ class TensorSource:
                 raise ConversionError(f"{label}: weight file {file} is missing")
             for key in self._keys_in(file):
                 if key in self._file_of:
-                    raise ConversionError(f"{label}: tensor {key!r} appears in both {self._file_of[key].name} and {file.name}")
+                    raise ConversionError(
+                        f"{label}: tensor {key!r} appears in both {self._file_of[key].name} and {file.name}"
+                    )
                 self._file_of[key] = file
 
     @classmethod
@@ -134,7 +137,7 @@ class TensorSource:
                     with open(path, encoding="utf-8") as handle:
                         weight_map = json.load(handle)["weight_map"]
                 except (OSError, ValueError, KeyError, TypeError) as error:
-                    raise ConversionError(f"{label}: index {path} is unreadable: {error}")
+                    raise ConversionError(f"{label}: index {path} is unreadable: {error}") from None
                 files = sorted({directory / shard for shard in weight_map.values()})
                 return cls(files, label)
             return cls([path], label)
@@ -163,7 +166,7 @@ class TensorSource:
             try:
                 handle = safe_open(str(file), framework="pt")
             except Exception as error:  # noqa: BLE001
-                raise ConversionError(f"{self.label}: {file} is not a valid safetensors file: {error}")
+                raise ConversionError(f"{self.label}: {file} is not a valid safetensors file: {error}") from None
             self._handles[file] = handle
             return list(handle.keys())
         self._pickled[file] = _load_pickled_tensors(file, self.label)

@@ -91,6 +91,10 @@ class ReductionMethod:
     convert_function: str  # the converter entry that builds this method's checkpoints
     captures_vision_attention: bool  # reads a vision layer's attention (bench compares the released eager way)
     bench_variants: tuple[BenchVariant, ...]
+    # "module:name" of the method's conversion step, `(conversion.method_conversion.MethodConversionInputs) ->
+    # MethodConversion`: config fields and notes only it knows (TRIM: CLIP's text config, the original format's
+    # `mm_vision_token_reduce_func`); None when the method needs none.
+    conversion_hook: str | None = None
 
     @property
     def config_class(self):
@@ -112,6 +116,10 @@ class ReductionMethod:
     def show_selection_function(self) -> Callable:
         """(model, pixel_values of one image, **side inputs) -> `show.Selection`."""
         return _resolve(self.show_selection)
+
+    @property
+    def conversion_hook_function(self) -> Callable | None:
+        return _resolve(self.conversion_hook) if self.conversion_hook else None
 
     @property
     def card_fields_function(self) -> Callable:
@@ -208,6 +216,7 @@ TRIM = ReductionMethod(
     convert_function="llava_token_reduction.conversion:convert_trim",
     captures_vision_attention=False,
     bench_variants=(BenchVariant("trim"),),
+    conversion_hook="llava_token_reduction.conversion.method_conversion:trim_conversion",
 )
 
 # In the order the tools list them.

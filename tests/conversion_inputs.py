@@ -230,7 +230,8 @@ def save_original(
                   "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
         weight_map = {}
         for name, names in halves.items():
-            save_file({k: state[k].contiguous() for k in names}, os.path.join(directory, name), metadata={"format": "pt"})
+            save_file({k: state[k].contiguous() for k in names}, os.path.join(directory, name),
+                      metadata={"format": "pt"})
             weight_map.update({k: name for k in names})
         with open(os.path.join(directory, "model.safetensors.index.json"), "w") as handle:
             json.dump({"metadata": {}, "weight_map": weight_map}, handle)

@@ -15,7 +15,8 @@ from llava_token_reduction.tiny import llava_config_kwargs
 def llava_next_dir(tmp_path_factory):
     """A tiny llava-hf-style LLaVA-NeXT checkpoint (model_type llava_next, image_grid_pinpoints, image_newline)."""
     kwargs = llava_config_kwargs()
-    config = LlavaNextConfig(vision_config=kwargs["vision_config"].to_dict(), text_config=kwargs["text_config"].to_dict(),
+    config = LlavaNextConfig(vision_config=kwargs["vision_config"].to_dict(),
+                             text_config=kwargs["text_config"].to_dict(),
                              image_token_index=kwargs["image_token_index"], image_grid_pinpoints=[[56, 56], [56, 112]])
     directory = tmp_path_factory.mktemp("next") / "llava-next-tiny"
     torch.manual_seed(0)
@@ -93,9 +94,8 @@ def test_trim_checkpoint_without_its_clip_tokenizer_folder_is_refused(stock_llav
 
     from transformers import AutoProcessor
 
-    from llava_token_reduction.conversion import convert_trim
-
     from conversion_inputs import save_clip, vision_state_of
+    from llava_token_reduction.conversion import convert_trim
 
     save_clip(tmp_path / "clip", vision_state_of(stock_llava_model))
     convert_trim(stock_llava_dir, tmp_path / "trim", clip=str(tmp_path / "clip"), progress=False)

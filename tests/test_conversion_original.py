@@ -9,9 +9,6 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from llava_token_reduction.conversion import ConversionError, convert_trim, convert_visionzip
-from llava_token_reduction.conversion.converter import DEFAULT_CLIP
-
 from conversion_inputs import (
     projector_tensors,
     save_clip,
@@ -22,6 +19,8 @@ from conversion_inputs import (
     stock_model,
     vision_state_of,
 )
+from llava_token_reduction.conversion import ConversionError, convert_trim, convert_visionzip
+from llava_token_reduction.conversion.converter import DEFAULT_CLIP
 from llava_token_reduction.tiny import build_llm_tokenizer
 
 
@@ -73,7 +72,8 @@ def _check_llm_and_grown_vocab(model, base_model, dtype=torch.float32):
             grown = got[key].to(dtype)
             assert grown.shape[0] % 64 == 0 and grown.shape[0] > rows
             assert torch.equal(grown[:rows], value), key  # source rows first, unchanged
-            assert torch.equal(grown[rows:], value.float().mean(0, keepdim=True).to(dtype).expand(grown.shape[0] - rows, -1))
+            mean = value.float().mean(0, keepdim=True).to(dtype)
+            assert torch.equal(grown[rows:], mean.expand(grown.shape[0] - rows, -1))
         else:
             assert torch.equal(got[key].to(dtype), value), key
 
@@ -91,7 +91,8 @@ def test_llava15_with_clip_to_visionzip(llava15, base_model, clip, tmp_path):
     assert model.config.text_config.vocab_size == model.model.language_model.embed_tokens.weight.shape[0]
     assert (model.config.vision_feature_layer, model.config.image_seq_length) == (-2, 64)
     config_text = (out / "config.json").read_text()
-    assert "/home/someone" not in config_text and "./checkpoints" not in config_text and "mm_vision_tower" not in config_text
+    assert "/home/someone" not in config_text and "./checkpoints" not in config_text
+    assert "mm_vision_tower" not in config_text
     inputs = processor(images=[torch.rand(3, 56, 56)], text="USER: <image>\nWhat is it? ASSISTANT:",
                        return_tensors="pt", do_rescale=False)
     assert (inputs["input_ids"] == model.config.image_token_id).sum() == 64
@@ -119,7 +120,7 @@ def test_released_trim_layout_without_clip(released_trim, base_model, clip, tmp_
     model, processor = _load(out, dtype=torch.bfloat16)
     _check_llm_and_grown_vocab(model, base_model, torch.bfloat16)
     got = model.state_dict()
-    for key, value in clip[1].state_dict().items():
+    for key in clip[1].state_dict():
         if key.startswith("text_model."):
             assert torch.equal(got["model.clip_text_model." + key].to(torch.bfloat16),
                                state["model.vision_tower.text_tower." + key]), key
@@ -144,6 +145,16 @@ def test_released_trim_layout_as_visionzip_fails_with_the_text_tower_keys(releas
     with pytest.raises(ConversionError, match=r"unmapped keys: .*text_tower.*did you mean `convert trim`"):
         convert_visionzip(released_trim[0], tmp_path / "vz", progress=False)
     assert not (tmp_path / "vz").exists()
+
+
+def test_original_llava_without_a_text_tower_is_not_carded_as_trim_trained(clip, tmp_path):
+    """The CLIP text tower added from --clip does not make the weights TRIM-trained: card and note agree."""
+    directory = tmp_path / "llava-v1.5"
+    save_original(directory, vision_tower=str(clip[0]))
+    result = convert_trim(directory, tmp_path / "out", clip=str(clip[0]), progress=False)
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "not trained with TRIM" in readme and "fine-tuned with TRIM active" not in readme
+    assert any("training-free" in note for note in result.notes)
 
 
 def test_fixed_ratio_reduce_func_becomes_equal_bounds(clip, tmp_path):
@@ -223,7 +234,8 @@ def test_projector_file_errors(stock_dir, tmp_path):
     torch.save({"model.mm_projector.0.weight": tensors["linear_1.weight"]}, tmp_path / "partial.bin")
     with pytest.raises(ConversionError, match="lacks"):
         convert_visionzip(stock_dir, tmp_path / "o", projector=str(tmp_path / "partial.bin"), progress=False)
-    extra = {f"model.mm_projector.{0 if k.startswith('linear_1') else 2}.{k.split('.')[1]}": v for k, v in tensors.items()}
+    extra = {f"model.mm_projector.{0 if k.startswith('linear_1') else 2}.{k.split('.')[1]}": v
+             for k, v in tensors.items()}
     torch.save({**extra, "model.mm_projector.4.weight": torch.zeros(2)}, tmp_path / "extra.bin")
     with pytest.raises(ConversionError, match="not a LLaVA projector weight"):
         convert_visionzip(stock_dir, tmp_path / "o", projector=str(tmp_path / "extra.bin"), progress=False)

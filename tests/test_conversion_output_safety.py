@@ -8,9 +8,8 @@ import signal
 import pytest
 
 import llava_token_reduction.conversion.output_place as output_place
-from llava_token_reduction.conversion.cli import main as conversion_main
-
 from conversion_inputs import save_stock
+from llava_token_reduction.conversion.cli import main as conversion_main
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,8 @@ def _project(directory):
 
 
 def _intact(directory):
-    return (directory / "train.py").read_text() == "important" and (directory / "data" / "notes.txt").read_text() == "more"
+    return ((directory / "train.py").read_text() == "important"
+            and (directory / "data" / "notes.txt").read_text() == "more")
 
 
 def _hidden(parent, name="out"):
@@ -117,7 +117,8 @@ def _interrupt_on_call(monkeypatch, target, name, calls):
     monkeypatch.setattr(target, name, wrapper)
 
 
-def test_interrupt_between_the_two_renames_puts_the_old_output_back(stock, previous_output, tmp_path, monkeypatch, capsys):
+def test_interrupt_between_the_two_renames_puts_the_old_output_back(stock, previous_output, tmp_path, monkeypatch,
+                                                                    capsys):
     out = shutil.copytree(previous_output, tmp_path / "out")
     before = (out / "config.json").read_text()
     _interrupt_on_call(monkeypatch, output_place.os, "rename", {2})
@@ -127,7 +128,8 @@ def test_interrupt_between_the_two_renames_puts_the_old_output_back(stock, previ
     assert not _hidden(tmp_path)
 
 
-def test_ctrl_c_during_the_renames_is_held_back_until_out_is_complete(stock, previous_output, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_during_the_renames_is_held_back_until_out_is_complete(stock, previous_output, tmp_path, monkeypatch,
+                                                                      capsys):
     """A real SIGINT while OUT is renamed aside arrives only after the new OUT is in place."""
     out = shutil.copytree(previous_output, tmp_path / "out")
     original = os.rename
@@ -164,9 +166,9 @@ def test_leftovers_that_cannot_be_removed_are_named(stock, previous_output, tmp_
 
 
 def test_interrupt_while_writing_names_an_unremovable_staging_directory(stock, tmp_path, monkeypatch, capsys):
-    import llava_token_reduction.conversion.converter as converter
+    import llava_token_reduction.conversion.write as conversion_write
 
-    _interrupt_on_call(monkeypatch, converter, "_write_model_card", {1})
+    _interrupt_on_call(monkeypatch, conversion_write, "_write_model_card", {1})
     _interrupt_on_call(monkeypatch, output_place.shutil, "rmtree", set(range(1, 10)))
     out = tmp_path / "out"
     status, _, stderr = _cli(capsys, "visionzip", stock, out, "--no-progress")

@@ -17,9 +17,6 @@ import sentencepiece
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from llava_token_reduction.conversion import ConversionError, convert_trim, convert_visionzip
-from llava_token_reduction.conversion.cli import main as conversion_main
-
 from conversion_inputs import (
     add_to_hub_cache,
     generation_config_as_published,
@@ -28,6 +25,8 @@ from conversion_inputs import (
     sentencepiece_model_bytes,
     vision_state_of,
 )
+from llava_token_reduction.conversion import ConversionError, convert_trim, convert_visionzip
+from llava_token_reduction.conversion.cli import main as conversion_main
 
 
 OPENAI_CLIP = "openai/clip-vit-large-patch14-336"
@@ -124,11 +123,13 @@ def test_sentencepiece_only_tokenizer_needs_named_packages(offline_hub, tmp_path
 
 
 def test_dependencies_include_the_sentencepiece_readers():
-    import tomllib
     from pathlib import Path
 
+    import tomllib
+
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
-    names = {dep.split(">")[0].split("=")[0].split("<")[0].strip().lower() for dep in pyproject["project"]["dependencies"]}
+    names = {dep.split(">")[0].split("=")[0].split("<")[0].strip().lower()
+             for dep in pyproject["project"]["dependencies"]}
     assert {"sentencepiece", "protobuf"} <= names
 
 

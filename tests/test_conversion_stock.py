@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import llava_token_reduction.conversion.converter as converter
+import llava_token_reduction.conversion.write as conversion_write
+from conversion_inputs import save_clip, save_stock, vision_state_of
 from llava_token_reduction import cli as top_cli
 from llava_token_reduction.conversion import ConversionError, convert_trim, convert_visionzip
 from llava_token_reduction.conversion.cli import main as conversion_main
-
-from conversion_inputs import save_clip, save_stock, vision_state_of
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,8 @@ def _leftovers(parent, name):
 
 
 def _load(directory):
-    model, info = AutoModelForImageTextToText.from_pretrained(directory, trust_remote_code=True, output_loading_info=True)
+    model, info = AutoModelForImageTextToText.from_pretrained(directory, trust_remote_code=True,
+                                                              output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     return model, AutoProcessor.from_pretrained(directory, trust_remote_code=True)
 
@@ -173,10 +174,10 @@ def test_push_to_hub_uploads_only_after_verification(stock, tmp_path, monkeypatc
 
     events.clear()
 
-    def failing_verify(self, directory, config):
+    def failing_verify(plan, built, directory):
         raise ConversionError("verification failed: simulated")
 
-    monkeypatch.setattr(converter._Conversion, "verify", failing_verify)
+    monkeypatch.setattr(conversion_write, "verify_checkpoint", failing_verify)
     status, _, stderr = _cli(capsys, "visionzip", stock[0], tmp_path / "not_pushed", "--push-to-hub", "acme/x",
                              "--no-progress")
     assert status == 1 and "verification failed" in stderr
@@ -212,7 +213,7 @@ def test_interrupted_write_leaves_no_output(stock, tmp_path, monkeypatch, capsys
     def explode(*args, **kwargs):
         raise RuntimeError("disk full (simulated)")
 
-    monkeypatch.setattr(converter, step, explode)
+    monkeypatch.setattr(conversion_write, step, explode)
     out = tmp_path / "interrupted"
     status, _, stderr = _cli(capsys, "visionzip", stock[0], out, "--no-progress")
     assert status == 1 and "disk full" in stderr
@@ -223,7 +224,7 @@ def test_keyboard_interrupt_leaves_no_output(stock, tmp_path, monkeypatch, capsy
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(converter, "_write_model_card", interrupt)
+    monkeypatch.setattr(conversion_write, "_write_model_card", interrupt)
     out = tmp_path / "ctrl_c"
     status, _, stderr = _cli(capsys, "visionzip", stock[0], out, "--no-progress")
     assert status == 130 and "interrupted" in stderr
@@ -235,12 +236,12 @@ def test_killed_process_leaves_only_a_marked_hidden_directory(stock, tmp_path):
     out = tmp_path / "killed"
     script = textwrap.dedent(f"""
         import os
-        import llava_token_reduction.conversion.converter as converter
-        original = converter._write_model
+        import llava_token_reduction.conversion.write as conversion_write
+        original = conversion_write._write_model
         def write_then_die(model, directory, max_shard_size):
             original(model, directory, max_shard_size)
             os._exit(9)
-        converter._write_model = write_then_die
+        conversion_write._write_model = write_then_die
         from llava_token_reduction.conversion.cli import main
         main(["visionzip", {str(stock[0])!r}, {str(out)!r}, "--no-progress"])
     """)
@@ -269,7 +270,8 @@ def test_clip_mismatch_is_refused_unless_forced(stock, other_clip_dir, tmp_path,
     line = _one_line_error(capsys, "trim", stock[0], out, "--clip", other_clip_dir[0])
     assert "vision weights differ" in line and "--force" in line
     assert not out.exists() and not _leftovers(tmp_path, "mismatch")
-    status, stdout, stderr = _cli(capsys, "trim", stock[0], out, "--clip", other_clip_dir[0], "--force", "--no-progress")
+    status, stdout, stderr = _cli(capsys, "trim", stock[0], out, "--clip", other_clip_dir[0], "--force",
+                                  "--no-progress")
     assert status == 0, stderr
     assert "WARNING (--force)" in stdout
     assert "WARNING (--force)" in (out / "README.md").read_text()  # the published card says so too

@@ -11,10 +11,9 @@ import shutil
 import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from conversion_inputs import save_clip, save_stock, vision_state_of
 from llava_token_reduction.conversion.cli import main as conversion_main
 from llava_token_reduction.conversion.foreign_code import foreign_code_references, strip_foreign_code
-
-from conversion_inputs import save_clip, save_stock, vision_state_of
 
 
 PAYLOAD = """\
@@ -112,4 +111,5 @@ def test_foreign_references_are_found_and_stripped_at_any_depth(tmp_path):
     assert sorted(strip_foreign_code(tmp_path)) == ["processor_config.json", "sub/tokenizer_config.json"]
     assert foreign_code_references(tmp_path) == []
     kept = json.loads((tmp_path / "processor_config.json").read_text())
-    assert kept["auto_map"] == {"AutoProcessor": "configuration_llava_trim.P"} and "auto_map" not in kept["image_processor"]
+    assert kept["auto_map"] == {"AutoProcessor": "configuration_llava_trim.P"}
+    assert "auto_map" not in kept["image_processor"]

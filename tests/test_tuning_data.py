@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from tuning_support import conversation, write_dataset
 
 from llava_token_reduction.tiny import TEST_SHAPE, build_processor
 from llava_token_reduction.tuning.data import (
@@ -17,6 +16,7 @@ from llava_token_reduction.tuning.data import (
     parse_record,
     select_subset,
 )
+from tuning_support import conversation, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,39 @@ def test_dataset_and_collator_pad_with_ignored_labels(processor, image_token_id,
     assert (batch["labels"][short, size:] == IGNORE_INDEX).all()
     assert (batch["attention_mask"][short, size:] == 0).all() and batch["attention_mask"][short, :size].all()
     assert torch.equal(batch["input_ids"][short, :size], items[short]["input_ids"])
+
+
+def test_dataset_takes_the_methods_side_inputs_from_its_processor(image_token_id, tmp_path):
+    """TRIM's per-image rows (its registry `side_inputs`) are the CLIP tokenizer's encoding of each image's
+    question, padded to CLIP's 77 positions; the pixels are the image processor's."""
+    from llava_token_reduction import methods
+    from llava_token_reduction.tiny import build_method_processor
+
+    trim_processor = build_method_processor(methods.TRIM)
+    data, folder = write_dataset(tmp_path, count=2)
+    samples, _ = load_samples(data, folder)
+    encoder = make_encoder(trim_processor, image_token_id)
+    dataset = InstructionDataset(samples, encoder, trim_processor, side_inputs=methods.TRIM.side_inputs)
+    item = dataset[1]
+    assert set(item) == {"input_ids", "labels", "pixel_values", "clip_input_ids", "clip_attention_mask"}
+    expected = trim_processor.clip_tokenizer(samples[1].questions, padding="max_length", max_length=77,
+                                             truncation=True, return_tensors="pt")
+    assert torch.equal(item["clip_input_ids"], expected["input_ids"])
+    assert torch.equal(item["clip_attention_mask"], expected["attention_mask"])
+    plain = InstructionDataset(samples, encoder, trim_processor)  # no side inputs: pixels only, the same pixels
+    assert set(plain[1]) == {"input_ids", "labels", "pixel_values"}
+    assert torch.equal(plain[1]["pixel_values"], item["pixel_values"])
+    legacy = InstructionDataset(samples, encoder, trim_processor, trim=True)[1]
+    assert torch.equal(legacy["clip_input_ids"], item["clip_input_ids"])
+
+
+def test_dataset_refuses_a_processor_without_the_side_inputs(processor, image_token_id, tmp_path):
+    data, folder = write_dataset(tmp_path, count=1)
+    samples, _ = load_samples(data, folder)
+    with pytest.raises(ValueError, match=r"the model takes clip_input_ids, clip_attention_mask per image, but its "
+                                         r"processor LlavaProcessor does not make them"):
+        InstructionDataset(samples, make_encoder(processor, image_token_id), processor,
+                           side_inputs=("clip_input_ids", "clip_attention_mask"))
 
 
 def test_too_long_record_is_reported(processor, image_token_id, tmp_path):

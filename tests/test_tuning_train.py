@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from tuning_support import build_checkpoint, conversation, write_dataset
 
 from llava_token_reduction.tuning.train import main
+from tuning_support import build_checkpoint, conversation, write_dataset
 
 
 STEPS = 30
@@ -130,7 +130,8 @@ def test_projector_file_matches_the_checkpoint_which_loads_and_generates(overfit
         assert torch.equal(model.state_dict()["model." + name], tensor)
     processor = AutoProcessor.from_pretrained(out / "model")
     image = Image.open(dataset[1] / "images" / "sample0.png")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is this picture?"}]}]
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": "What colour is this picture?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=4, do_sample=False)

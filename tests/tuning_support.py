@@ -21,6 +21,7 @@ from llava_token_reduction.tiny import (
     trim_config_kwargs,
 )
 
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 

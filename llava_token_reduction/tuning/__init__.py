@@ -6,4 +6,5 @@ command line. Heavy imports (torch, transformers, accelerate) happen when a comm
 
 from .common import DataError
 
+
 __all__ = ["DataError"]

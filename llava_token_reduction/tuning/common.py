@@ -2,6 +2,7 @@
 
 from ..errors import UserError
 
+
 PROMPT_FORMATS = ("auto", "chat-template", "llava-v1")
 
 

@@ -13,8 +13,8 @@ Record format (LLaVA-1.5's `llava_v1_5_mix665k.json`), as a JSON list or as JSON
 Encoding. The prompt is rendered turn by turn, either with the processor's chat template or with LLaVA-1.5's
 own conversation format (`llava-v1`: system prompt, `USER: ... ASSISTANT: ...</s>`). Every assistant answer
 plus one end-of-sequence token (the template's own when it writes one) is a target; everything else (system
-prompt, user turns, role markers, image placeholders, padding) is labelled -100. Each `<image>` becomes the processor's full placeholder run; the
-model reduces the image and compacts the placeholders and labels itself.
+prompt, user turns, role markers, image placeholders, padding) is labelled -100. Each `<image>` becomes the
+processor's full placeholder run; the model reduces the image and compacts the placeholders and labels itself.
 
 TRIM's question (the text the CLIP tower scores patches against) follows evaluation semantics: for each image,
 the text of the human turn that brings it, without `<image>` (for LLaVA data: the first human turn).
@@ -30,5 +30,6 @@ from .encoding import *  # noqa: F401,F403
 from .encoding import __all__ as _encoding_names
 from .records import *  # noqa: F401,F403
 from .records import __all__ as _records_names
+
 
 __all__ = ["DataError", "PROMPT_FORMATS", *_records_names, *_encoding_names, *_dataset_names]

@@ -1,5 +1,5 @@
-"""The tuning dataset (images loaded, padded to square as LLaVA-1.5 does, processed; the CLIP rows of each
-question when the method takes them), the padding collator and the resumable epoch sampler."""
+"""The tuning dataset (images loaded, padded to square as LLaVA-1.5 does, processed; the method's per-image side
+inputs, made by its processor, when it takes any), the padding collator and the resumable epoch sampler."""
 
 from __future__ import annotations
 
@@ -30,12 +30,17 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
 
 
 class InstructionDataset(torch.utils.data.Dataset):
-    """Encoded samples: `input_ids`, `labels` ([L] long), `pixel_values` ([n, C, H, W]) and, for TRIM,
-    `clip_input_ids` / `clip_attention_mask` ([n, 77]); n = the sample's images (may be 0)."""
+    """Encoded samples: `input_ids`, `labels` ([L] long), `pixel_values` ([n, C, H, W]) and the method's
+    `side_inputs` (its registry entry's; TRIM: `clip_input_ids` / `clip_attention_mask`, [n, 77]), one row per
+    image; n = the sample's images (may be 0).
 
-    def __init__(self, samples: list[Sample], encoder: ConversationEncoder, processor, *, trim: bool = False,
-                 image_aspect_ratio: str = "pad", skip_unreadable: bool = False, unreadable_log: Path | None = None,
-                 known_unreadable=()):
+    The side inputs come from the method's processor, called on the images with each image's question as
+    `clip_text` (the processor's keyword for per-image questions). `trim=True` is the old spelling of TRIM's
+    side inputs."""
+
+    def __init__(self, samples: list[Sample], encoder: ConversationEncoder, processor, *,
+                 side_inputs: tuple[str, ...] = (), trim: bool = False, image_aspect_ratio: str = "pad",
+                 skip_unreadable: bool = False, unreadable_log: Path | None = None, known_unreadable=()):
         # With `skip_unreadable`, a record whose image passed the start-up check but does not decode is replaced
         # by the next readable record (positions wrap around) and appended to `unreadable_log`. The replacement
         # depends only on which files are broken, so a resumed run sees the same stream; records listed in
@@ -47,11 +52,20 @@ class InstructionDataset(torch.utils.data.Dataset):
             raise ValueError(f"image aspect ratio must be 'pad' or 'crop', got {image_aspect_ratio!r}")
         self.samples = samples
         self.encoder = encoder
+        self.processor = processor
         self.image_processor = processor.image_processor
-        self.clip_tokenizer = getattr(processor, "clip_tokenizer", None) if trim else None
-        if trim and self.clip_tokenizer is None:
-            raise ValueError("a TRIM model needs a processor with a CLIP tokenizer (LlavaTrimProcessor)")
-        self.trim = trim
+        if trim:
+            from ..methods import get
+
+            side_inputs = get("trim").side_inputs
+        self.side_inputs = tuple(side_inputs)
+        made = set(getattr(processor, "model_input_names", ()))
+        if not set(self.side_inputs) <= made:
+            raise ValueError(
+                f"the model takes {', '.join(self.side_inputs)} per image, but its processor "
+                f"{type(processor).__name__} does not make them (it makes {', '.join(sorted(made)) or 'nothing'}); "
+                "load the checkpoint's own processor"
+            )
         self.image_aspect_ratio = image_aspect_ratio
         mean = getattr(self.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         self.background = tuple(int(round(value * 255)) for value in mean)
@@ -92,17 +106,16 @@ class InstructionDataset(torch.utils.data.Dataset):
     def _item(self, position: int) -> dict:
         sample = self.samples[position]
         input_ids, labels = self.encoder.encode(sample)
-        item = {"input_ids": torch.tensor(input_ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+        item = {"input_ids": torch.tensor(input_ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long)}
         if sample.images:
             images = [self._load_image(sample, path) for path in sample.images]
-            item["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
-            if self.trim:
-                from ..modeling.processing_llava_trim import CLIP_MAX_LENGTH
-
-                encoded = self.clip_tokenizer(sample.questions, padding="max_length", truncation=True,
-                                              max_length=CLIP_MAX_LENGTH, return_tensors="pt")
-                item["clip_input_ids"] = encoded["input_ids"]
-                item["clip_attention_mask"] = encoded["attention_mask"]
+            if self.side_inputs:  # the method's processor makes the pixels and its per-image rows together
+                encoded = self.processor(images=images, clip_text=list(sample.questions), return_tensors="pt")
+            else:
+                encoded = self.image_processor(images, return_tensors="pt")
+            item["pixel_values"] = encoded["pixel_values"]
+            item.update({name: encoded[name] for name in self.side_inputs})
         return item
 
 

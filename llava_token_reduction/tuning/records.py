@@ -10,11 +10,16 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from .common import DataError
+
+
+if TYPE_CHECKING:  # the encoder module imports this one
+    from .encoding import ConversationEncoder
 
 
 class UnreadableImage(DataError):
@@ -319,4 +324,8 @@ def fingerprint(samples: list[Sample]) -> str:
     return digest.hexdigest()[:16]
 
 
-__all__ = ['BadRecord', 'IGNORE_INDEX', 'IMAGE_MARKER', 'LLAVA_V1_SYSTEM', 'Sample', 'UnreadableImage', '_ID_PATTERN', '_ROLES', '_check_image', '_id_near', '_locate_json_error', 'clean_text', 'fingerprint', 'load_samples', 'parse_record', 'read_records', 'select_subset']
+__all__ = [
+    "BadRecord", "IGNORE_INDEX", "IMAGE_MARKER", "LLAVA_V1_SYSTEM", "Sample", "UnreadableImage", "_ID_PATTERN",
+    "_ROLES", "_check_image", "_id_near", "_locate_json_error", "clean_text", "fingerprint", "load_samples",
+    "parse_record", "read_records", "select_subset",
+]

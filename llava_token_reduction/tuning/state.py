@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 from .common import TuningError
+
 
 STATE_FILE = "trainer_state.json"
 
@@ -102,4 +104,54 @@ def _check_saved_weights(directory: Path, accelerator, model) -> None:
                           f"(missing {missing[:3]}, unexpected {extra[:3]})")
 
 
-__all__ = ['tensor_digests', 'configure_trainable', '_checkpoint_dirs', '_read_state', 'RunLog', '_keep_trainable_weights', '_check_saved_weights', 'STATE_FILE']
+def resolve_resume(value: str | None, output_dir: Path) -> Path | None:
+    """The saved state `--resume-from-checkpoint VALUE` names (`latest`: the newest readable one), or None."""
+    if not value:
+        return None
+    if value == "latest":
+        found = _checkpoint_dirs(output_dir)
+        if not found:
+            raise TuningError(f"--resume-from-checkpoint latest: no saved state under {output_dir / 'checkpoints'}")
+        for directory in reversed(found):
+            try:
+                _read_state(directory)
+            except TuningError as error:  # e.g. cut short by a crash while saving: take the one before
+                print(f"warning: {error}; trying the previous saved state", file=sys.stderr)
+                continue
+            return directory
+        raise TuningError(f"--resume-from-checkpoint latest: no readable saved state under "
+                          f"{output_dir / 'checkpoints'}")
+    path = Path(value)
+    if not (path / STATE_FILE).is_file():
+        raise TuningError(f"--resume-from-checkpoint {path}: not a saved training state (no {STATE_FILE})")
+    _read_state(path)
+    return path
+
+
+def save_training_state(accelerator, output_dir: Path, save_total_limit, global_step: int, epoch: int,
+                        batch_in_epoch: int, batches_per_epoch: int, run_shape: dict) -> Path:
+    """Save a resumable state as `checkpoints/step-N/` (accelerate's state + STATE_FILE); keep the newest
+    `save_total_limit`. Returns the directory."""
+    import shutil
+
+    directory = output_dir / "checkpoints" / f"step-{global_step:08d}"
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        accelerator.save_state(str(directory), exclude_frozen_parameters=True)
+    else:
+        accelerator.save_state(str(directory))
+    if accelerator.is_main_process:
+        if batch_in_epoch >= batches_per_epoch:
+            epoch, batch_in_epoch = epoch + 1, 0
+        state = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "run": run_shape}
+        (directory / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        if save_total_limit:
+            for old in _checkpoint_dirs(output_dir)[: -save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return directory
+
+
+__all__ = [
+    "tensor_digests", "configure_trainable", "_checkpoint_dirs", "_read_state", "RunLog", "_keep_trainable_weights",
+    "_check_saved_weights", "STATE_FILE", "resolve_resume", "save_training_state",
+]
