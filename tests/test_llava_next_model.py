@@ -247,7 +247,7 @@ def test_multi_turn_continuation_sends_only_the_new_image(model, processor):
 # Loading, refusals, remote code ------------------------------------------------------------------------------
 
 
-def _published_stock_checkpoint(model, processor, directory):
+def _published_stock_checkpoint(model, processor, directory, shape=None):
     """A tiny stock llava-hf LLaVA-NeXT checkpoint in the published key layout (`language_model.model.*`,
     `language_model.lm_head.*`, `image_newline` at the root) and its processor."""
     from safetensors.torch import save_file
@@ -263,7 +263,9 @@ def _published_stock_checkpoint(model, processor, directory):
         state[key] = tensor.contiguous()
     assert "image_newline" in state and "vision_tower.vision_model.embeddings.patch_embedding.weight" not in state
     save_file(state, os.fspath(directory / "model.safetensors"), metadata={"format": "pt"})
-    config = LlavaNextConfig(**llava_next_config_kwargs(tokenizer=processor.tokenizer))
+    kwargs = llava_next_config_kwargs(tokenizer=processor.tokenizer) if shape is None else llava_next_config_kwargs(
+        shape, tokenizer=processor.tokenizer)
+    config = LlavaNextConfig(**kwargs)
     config.architectures = ["LlavaNextForConditionalGeneration"]
     config.save_pretrained(directory)
     processor.save_pretrained(directory)

@@ -137,3 +137,41 @@ def test_bfloat16_generates(checkpoint, plain):
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert out.shape == (1, prompt["input_ids"].shape[1] + NEW_TOKENS)
+
+
+def _readme_block(heading: str) -> str:
+    """The first ```python block after `heading` in README.md."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = readme[readme.index(heading):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_next_snippet_runs_as_written(tmp_path):
+    """README's LLaVA-NeXT snippet, unchanged, against `llava-hf/llava-v1.6-vicuna-7b-hf` resolved from a private
+    hub cache (a tiny stock LLaVA-NeXT checkpoint in the published key layout, offline)."""
+    import subprocess
+    import sys
+
+    from conversion_inputs import add_to_hub_cache
+    from test_llava_next_model import _published_stock_checkpoint
+
+    from llava_token_reduction.tiny import TinyShape
+
+    # The published crop (336 px, patch 14: 576 patches) with a narrow, shallow model, so that 54+10 per crop fit.
+    shape = TinyShape(image_size=336, patch_size=14, vision_layers=2)
+    processor = build_next_processor(shape)
+    torch.manual_seed(0)
+    config = LlavaNextVisionZipConfig(**llava_next_config_kwargs(shape, tokenizer=processor.tokenizer))
+    (tmp_path / "source").mkdir()
+    source = _published_stock_checkpoint(LlavaNextVisionZipForConditionalGeneration(config), processor,
+                                         tmp_path / "source", shape=shape)
+    add_to_hub_cache(tmp_path / "hub", "llava-hf/llava-v1.6-vicuna-7b-hf", source)
+    picture((300, 400), 9).save(tmp_path / "photo.jpg")
+    snippet = _readme_block("## VisionZip on LLaVA-NeXT")
+    assert 'model_id = "llava-hf/llava-v1.6-vicuna-7b-hf"' in snippet
+    script = snippet + "\nassert output.shape[1] > inputs['input_ids'].shape[1]\nprint('README-OK')\n"
+    (tmp_path / "readme.py").write_text(script)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "readme.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0 and "README-OK" in result.stdout, result.stdout + result.stderr
