@@ -324,3 +324,17 @@ def test_remote_code_round_trip_without_the_package(model, processor, run_isolat
         tmp_path,
     )
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+
+
+def test_inner_model_accepts_stock_prompts_and_forward_passes_image_sizes_on(model, processor):
+    """`AutoModel` (the inner model) compacts stock-processor prompts too; `image_sizes` given by name reaches the
+    reduction in both `forward`s (a named parameter must not swallow the family's per-image input)."""
+    inputs = processor(images=make_images(seed=9), text=PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        inner = model.model(**inputs)
+        outer = model(**inputs, output_hidden_states=True)
+    torch.testing.assert_close(inner.last_hidden_state, outer.hidden_states[-1], atol=1e-6, rtol=1e-6)
+    assert inner.last_hidden_state.shape[1] < inputs["input_ids"].shape[1]
+    without_sizes = {k: v for k, v in inputs.items() if k != "image_sizes"}
+    with pytest.raises(ValueError, match="image_sizes"):
+        model(**without_sizes)
