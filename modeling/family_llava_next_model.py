@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoModel, LlavaNextForConditionalGeneration, LlavaNextModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector, LlavaNextPreTrainedModel
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .family_llava_next import check_budget_fits, image_layouts, real_crops, released_layouts
@@ -124,6 +125,19 @@ class ReducedLlavaNextModel(ReducedLlavaModelMixin, LlavaNextModel):
         grid pinpoints and the vision config: `family_llava_next.stock_placeholder_count`)."""
         return [layout.placeholders for layout in self._image_layouts(image_sizes)]
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
+                cache=None, inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None,
+                use_cache=None, mm_encoder_outputs=None, **kwargs):
+        """`ReducedLlavaModelMixin.forward` with stock `LlavaNextModel.forward`'s parameter order (`image_sizes`
+        third), so positional calls bind as they do on stock LLaVA-NeXT."""
+        return super().forward(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
+            position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
+            use_cache=use_cache, mm_encoder_outputs=mm_encoder_outputs, **kwargs,
+        )
+
     @can_return_tuple
     def get_image_features(
         self,
@@ -203,6 +217,21 @@ class ReducedLlavaNextForConditionalGeneration(
         if config_dict.get("model_type") in _LLAVA_15_TYPES:
             return "a LLaVA-1.5 checkpoint (no image_grid_pinpoints)"
         return None
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
+                cache=None, inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None,
+                labels=None, use_cache=None, logits_to_keep=0, mm_encoder_outputs=None, **kwargs):
+        """`ReducedGenerationMixin.forward` (compaction of stock-processor prompts, labels included) with stock
+        `LlavaNextForConditionalGeneration.forward`'s parameter order (`image_sizes` third); the full signature
+        that generate inspects."""
+        return super().forward(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
+            position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
+            labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
 
     def __init__(self, config):
         # Not LlavaNextForConditionalGeneration.__init__: that would build (and initialise) a stock LlavaNextModel.

@@ -338,3 +338,16 @@ def test_inner_model_accepts_stock_prompts_and_forward_passes_image_sizes_on(mod
     without_sizes = {k: v for k, v in inputs.items() if k != "image_sizes"}
     with pytest.raises(ValueError, match="image_sizes"):
         model(**without_sizes)
+
+
+def test_positional_forward_binds_as_stock_llava_next(model, processor):
+    """Stock LLaVA-NeXT's `forward(input_ids, pixel_values, image_sizes, attention_mask, ...)` order."""
+    inputs = processor(images=make_images(seed=10), text=PROMPTS, return_tensors="pt", padding=True)
+    args = (inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"], inputs["attention_mask"])
+    with torch.no_grad():
+        by_name = model(**inputs)
+        by_position = model(*args)
+        inner_by_name = model.model(**inputs)
+        inner_by_position = model.model(*args)
+    torch.testing.assert_close(by_position.logits, by_name.logits, atol=0, rtol=0)
+    torch.testing.assert_close(inner_by_position.last_hidden_state, inner_by_name.last_hidden_state, atol=0, rtol=0)
