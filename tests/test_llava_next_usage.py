@@ -141,7 +141,8 @@ def test_bfloat16_generates(checkpoint, plain):
 
 def _readme_block(heading: str) -> str:
     """The first ```python block after `heading` in README.md."""
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
     section = readme[readme.index(heading):]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
