@@ -98,12 +98,12 @@ class ReducedLlavaNextModel(ReducedLlavaModelMixin, LlavaNextModel):
             )
         check_budget_fits(layouts, tokens_per_crop, getattr(self.config, "tokens_per_crop_fields", "tokens_per_crop"))
 
-    def vision_crops(self, pixel_values, kwargs: dict, image_sizes=None):
-        """`(crops, image_of_crop, layouts)`: every image's real crops (base, then its grid row-major; the batch's
-        padding crops dropped) as one `[sum(1 + G_i), C, H, W]` tensor, the image of each crop, and each image's
-        `NextImageLayout`. Checks the pixels, the sizes and the per-crop budget against every image's
+    def vision_crops(self, pixel_values, kwargs: dict):
+        """`(crops, image_of_crop)`: every image's real crops (base, then its grid row-major; the batch's padding
+        crops dropped) as one `[sum(1 + G_i), C, H, W]` tensor and the image of each crop. Takes `image_sizes`
+        out of `kwargs`; checks the pixels, the sizes and the per-crop budget against every image's
         placeholders, before any compute."""
-        layouts = self._image_layouts(image_sizes)
+        layouts = self._image_layouts(kwargs.pop("image_sizes", None))
         self._check_budget(layouts)
         pixel_values = _as_crop_batch(pixel_values)
         if isinstance(pixel_values, list):
@@ -118,7 +118,7 @@ class ReducedLlavaNextModel(ReducedLlavaModelMixin, LlavaNextModel):
         crops = real_crops(pixel_values, layouts)
         crops = as_pixel_batch(crops, self.config.vision_config)
         image_of_crop = torch.repeat_interleave(torch.arange(len(layouts)), torch.tensor([l.crops for l in layouts]))
-        return crops, image_of_crop, layouts
+        return crops, image_of_crop
 
     def image_placeholder_counts(self, pixel_values, image_sizes=None, **side_inputs) -> list[int]:
         """Per image, the placeholders the stock `LlavaNextProcessor` emits for it (from its original size, the
@@ -174,7 +174,8 @@ class ReducedLlavaNextModel(ReducedLlavaModelMixin, LlavaNextModel):
                 fits), before any compute.
         """
         side_inputs = {name: kwargs.pop(name, None) for name in self.image_side_input_names if name != "image_sizes"}
-        crops, image_of_crop, layouts = self.vision_crops(pixel_values, kwargs, image_sizes=image_sizes)
+        layouts = self._image_layouts(image_sizes)
+        crops, image_of_crop = self.vision_crops(pixel_values, {**kwargs, "image_sizes": image_sizes})
         self.check_reduction_inputs(crops, len(layouts), side_inputs)
         outputs, states = run_vision_tower(
             self.vision_tower, crops, self.vision_states_needed(), output_hidden_states, output_attentions, **kwargs

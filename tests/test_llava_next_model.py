@@ -351,3 +351,14 @@ def test_positional_forward_binds_as_stock_llava_next(model, processor):
         inner_by_position = model.model(*args)
     torch.testing.assert_close(by_position.logits, by_name.logits, atol=0, rtol=0)
     torch.testing.assert_close(inner_by_position.last_hidden_state, inner_by_name.last_hidden_state, atol=0, rtol=0)
+
+
+def test_visionzip_layer_outputs_cover_every_crop(model, processor):
+    """The method's picture/measurement entry (`get_visionzip_layer_outputs`) runs on the NeXT family's crops."""
+    inputs = processor(images=make_images(seed=11), text=["<image>"] * 3, return_tensors="pt", padding=True)
+    crops = sum(layout.crops for layout in image_layouts(inputs["image_sizes"], model.config))
+    with torch.no_grad():
+        features, cls_attention, mean_keys = model.model.get_visionzip_layer_outputs(
+            inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2 + 1
+    assert features.shape[:2] == cls_attention.shape == (crops, tokens) and mean_keys.shape[:2] == (crops, tokens)
