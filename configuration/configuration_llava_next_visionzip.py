@@ -65,21 +65,25 @@ class LlavaNextVisionZipConfig(FieldCheckedConfig, LlavaNextConfig):
         super().__post_init__(**kwargs)
         self.validate_token_reduction()
 
+    # What `tokens_per_crop` is made of, for the family's messages.
+    tokens_per_crop_fields = "dominant_tokens + contextual_tokens"
+
     # No `tokens_per_image`: the count depends on each image's grid (docs/llava_next.md).
     @property
     def tokens_per_crop(self) -> int:
         """Tokens the language model sees per crop (base image or grid crop) after reduction."""
         return self.dominant_tokens + self.contextual_tokens
 
-    def validate_token_reduction(self) -> None:
-        """Check the per-crop budget against one crop's vision tokens and the pinpoints against the crop size.
-        Whether the budget fits each image's placeholders depends on its size: `family_llava_next` checks that
-        before the vision tower runs. Raises `ValueError` naming the field, value and allowed range."""
+    def validate_token_reduction(self, vision_tokens: int | None = None) -> None:
+        """Check the per-crop budget against one crop's vision tokens (`vision_tokens`, CLS included, when the
+        crops are at hand; else the vision config's) and the pinpoints against the crop size. Whether the budget
+        fits each image's placeholders depends on its size: `family_llava_next` checks that before the vision
+        tower runs. Raises `ValueError` naming the field, value and allowed range."""
         self.check_fields()
         check_grid_pinpoints(self.image_grid_pinpoints, self.vision_config.image_size)
         # A crop is reduced exactly like a LLaVA-1.5 image, so its budget obeys the same rules: run LLaVA-1.5's
         # checks on a view of this config in which one crop is the image (its tokens also bound its placeholders).
-        crop_tokens = vision_token_count(self.vision_config)
+        crop_tokens = vision_tokens if vision_tokens is not None else vision_token_count(self.vision_config)
         one_crop = SimpleNamespace(
             check_fields=self.check_fields, vision_config=self.vision_config, visionzip_layer=self.visionzip_layer,
             dominant_tokens=self.dominant_tokens, contextual_tokens=self.contextual_tokens,

@@ -6,7 +6,7 @@ code. The public classes are those the `configuration` and `modeling` packages e
 classes there and its entry to the registry, and needs no edit here.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, LlavaNextProcessor
 
 from . import configuration, modeling
 from .configuration import *  # noqa: F403 - the config classes, listed in configuration.__all__
@@ -23,5 +23,12 @@ for _method in METHODS.values():
     # A method whose model shortens the prompt itself uses the stock processor (registry: processor_class_name).
     AutoProcessor.register(_method.config_class, _method.processor_class, exist_ok=True)
 del _method
+
+# LLaVA-NeXT VisionZip is a family/method pair, not a registry method (yet): registered here, with the stock processor.
+AutoConfig.register(LlavaNextVisionZipConfig.model_type, LlavaNextVisionZipConfig, exist_ok=True)  # noqa: F405
+AutoModel.register(LlavaNextVisionZipConfig, LlavaNextVisionZipModel, exist_ok=True)  # noqa: F405
+AutoModelForImageTextToText.register(LlavaNextVisionZipConfig, LlavaNextVisionZipForConditionalGeneration,  # noqa: F405
+                                     exist_ok=True)
+AutoProcessor.register(LlavaNextVisionZipConfig, LlavaNextProcessor, exist_ok=True)  # noqa: F405
 
 __all__ = [*configuration.__all__, *modeling.__all__]

@@ -33,11 +33,15 @@ class CropReduction:
         last_hidden_state: what `get_image_features` returns as `last_hidden_state` (the method's docstring says
             which tensor: VisionZip's reduced tokens, TRIM's patch features before selection).
         extras: further fields of the method's `image_features_output_class` (TRIM's `kept_indices`, `scores`).
+        kept_patches: `[crops, p]` long, for a method whose crop tokens are `[CLS, p patches kept as they are,
+            merged tokens]` (VisionZip): the patch index (`0..S²-1`, raster, CLS not counted) of tokens `1..p`.
+            A family that lays tokens out on the image (LLaVA-NeXT's canvas) needs it; None otherwise.
     """
 
     tokens: torch.Tensor | list[torch.Tensor]
     last_hidden_state: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
+    kept_patches: torch.Tensor | None = None
 
 
 class ReductionMethodMixin:

@@ -10,7 +10,7 @@ Shipped with VisionZip checkpoints (remote code): it imports only sibling module
 """
 
 from .method_base import CropReduction, ReductionMethodMixin
-from .method_visionzip import cls_attention_scores, visionzip_reduce
+from .method_visionzip import cls_attention_scores, dominant_keep_mask, visionzip_reduce
 from .vision_inputs import run_vision_tower, vision_tokens_of
 
 
@@ -42,11 +42,15 @@ class VisionZipReduction(ReductionMethodMixin):
         return features, cls_attention, mean_keys
 
     def reduce_crops(self, states, image_of_crop, side_inputs) -> CropReduction:
-        """`last_hidden_state` is the reduced, unprojected `[crops, dominant + contextual, D_v]`."""
+        """`last_hidden_state` is the reduced, unprojected `[crops, dominant + contextual, D_v]`; `kept_patches`
+        the dominant tokens' patch indices `[crops, dominant - 1]` (for families that place them on the image)."""
         features, cls_attention, mean_keys = self._visionzip_layer(states)
         config = self.config
         reduced = visionzip_reduce(features, cls_attention, mean_keys, config.dominant_tokens, config.contextual_tokens)
-        return CropReduction(tokens=reduced, last_hidden_state=reduced)
+        # The same selection visionzip_reduce made (a top-k over [crops, N] scores: negligible next to the merge).
+        keep_mask = dominant_keep_mask(cls_attention.to(features.device), config.dominant_tokens)
+        kept_patches = keep_mask[:, 1:].nonzero()[:, 1].view(keep_mask.shape[0], -1)
+        return CropReduction(tokens=reduced, last_hidden_state=reduced, kept_patches=kept_patches)
 
     def get_visionzip_layer_outputs(self, pixel_values, **kwargs):
         """Run the vision tower once and return what VisionZip reads from layer `visionzip_layer` (for pictures

@@ -207,7 +207,9 @@ class ReducedGenerationMixin(ReducedInputsMixin):
         padded with -100), with positions contiguous over the attended tokens. Logits, loss and hidden
         states then refer to the compact sequence (`[B, C, vocab]`). With a filled `cache` (decoding) the
         input is ordinary tokens, a generated placeholder id included, as in stock LLaVA."""
-        side_inputs = self._pop_side_inputs(kwargs)
+        # `image_sizes` is a named stock parameter: a family's per-image input must not be swallowed by it.
+        side_inputs = self._pop_side_inputs(kwargs, image_sizes=image_sizes)
+        image_sizes = kwargs.pop("image_sizes", None)
         if pixel_values is not None and mm_encoder_outputs is None:
             compacted = self._compact_forward_inputs(
                 input_ids, pixel_values, attention_mask, position_ids, cache, side_inputs, labels=labels

@@ -43,12 +43,18 @@ class ReducedInputsMixin:
     # inner model and copied to the outer class, whose generate picks them out of its kwargs. A plain tuple:
     # `forward` reads it, also under torch.compile.
     image_side_input_names: tuple[str, ...] = ()
+    # The family's own per-image inputs (LLaVA-NeXT's `image_sizes`), joined to the method's on every inner model
+    # class: both travel with `pixel_values`, one row per image, and are selected with the new images.
+    family_side_input_names: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         feature_class = cls._feature_model_class()
         if "image_side_input_names" not in cls.__dict__ and feature_class not in (None, cls):
             cls.image_side_input_names = tuple(getattr(feature_class, "image_side_input_names", ()))
+        elif feature_class is cls and cls.family_side_input_names:
+            cls.image_side_input_names = tuple(dict.fromkeys((*cls.image_side_input_names,
+                                                              *cls.family_side_input_names)))
 
     @classmethod
     def _feature_model_class(cls) -> type | None:
@@ -57,8 +63,11 @@ class ReducedInputsMixin:
     def _feature_model(self):
         return self
 
-    def _pop_side_inputs(self, kwargs: dict) -> dict:
-        """Take the reduction's per-image inputs out of `kwargs` (stock code must never see them); drop Nones."""
+    def _pop_side_inputs(self, kwargs: dict, **named) -> dict:
+        """Take the reduction's per-image inputs out of `kwargs` (stock code must never see them); drop Nones.
+        `named` are stock `forward` parameters that a family may declare a side input (LLaVA-NeXT's
+        `image_sizes`): returned among the side inputs when they are one, else put back into `kwargs`."""
+        kwargs.update(named)
         popped = {name: kwargs.pop(name, None) for name in self.image_side_input_names}
         return {name: value for name, value in popped.items() if value is not None}
 

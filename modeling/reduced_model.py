@@ -40,7 +40,9 @@ class ReducedLlavaModelMixin(ReducedInputsMixin):
         """Stock `LlavaModel.forward`, plus: given `pixel_values` and a prompt with full placeholder runs,
         the images are reduced and `input_ids`/`attention_mask` compacted, with contiguous positions; the
         returned hidden states are `[B, C, hidden]` over the compact sequence."""
-        side_inputs = self._pop_side_inputs(kwargs)
+        # `image_sizes` is a named stock parameter: a family's per-image input must not be swallowed by it.
+        side_inputs = self._pop_side_inputs(kwargs, image_sizes=image_sizes)
+        image_sizes = kwargs.pop("image_sizes", None)
         if pixel_values is not None and mm_encoder_outputs is None:
             compacted = self._compact_forward_inputs(
                 input_ids, pixel_values, attention_mask, position_ids, cache, side_inputs

@@ -6,6 +6,8 @@ import random
 import pytest
 import torch
 
+from visionzip_reference import reference_layout
+
 from llava_token_reduction.modeling.family_llava_next import (
     NextImageLayout,
     real_crops,
@@ -13,29 +15,6 @@ from llava_token_reduction.modeling.family_llava_next import (
     released_layouts,
     released_order,
 )
-
-
-def reference_layout(crop_ids, kept_patches, grid, side):
-    """ALGORITHMS.md §1.5, literally. `crop_ids[k]` is crop k's list `[CLS, dominant..., contextual...]` of token
-    ids; `kept_patches[k]` the patch index (row-major in the crop, `side` patches a row) of each dominant token."""
-    rows, cols = grid
-    dominant = len(kept_patches[0]) + 1
-    out = list(crop_ids[0])  # 1. the base crop as it is
-    canvas = {}  # 2. grid crops' non-CLS dominant tokens on the whole canvas
-    for j in range(rows * cols):
-        cell_row, cell_col = j // cols, j % cols
-        for token, patch in zip(crop_ids[1 + j][1:dominant], kept_patches[1 + j]):
-            r, c = patch // side, patch % side
-            canvas[(cell_row * side + r, cell_col * side + c)] = token
-    for canvas_row in range(rows * side):
-        for canvas_col in range(cols * side):
-            if (canvas_row, canvas_col) in canvas:
-                out.append(canvas[(canvas_row, canvas_col)])
-    for j in range(rows * cols):  # 3. grid CLS tokens in crop order
-        out.append(crop_ids[1 + j][0])
-    for j in range(rows * cols):  # 4. grid contextual tokens, crop-major
-        out.extend(crop_ids[1 + j][dominant:])
-    return out
 
 
 def crop_major(crop_ids):

@@ -1,12 +1,15 @@
 """The public surface promised in CONTRACT.md: exports and Auto-class registration on import."""
 
 import pytest
-from transformers import AutoConfig, LlavaProcessor
+from transformers import AutoConfig, LlavaNextProcessor, LlavaProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, MODEL_MAPPING
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 import llava_token_reduction
 from llava_token_reduction import (
+    LlavaNextVisionZipConfig,
+    LlavaNextVisionZipForConditionalGeneration,
+    LlavaNextVisionZipModel,
     LlavaTrimConfig,
     LlavaTrimForConditionalGeneration,
     LlavaTrimModel,
@@ -21,6 +24,7 @@ def test_exports():
     assert set(llava_token_reduction.__all__) == {
         "LlavaVisionZipConfig", "LlavaVisionZipModel", "LlavaVisionZipForConditionalGeneration",
         "LlavaTrimConfig", "LlavaTrimModel", "LlavaTrimForConditionalGeneration", "LlavaTrimProcessor",
+        "LlavaNextVisionZipConfig", "LlavaNextVisionZipModel", "LlavaNextVisionZipForConditionalGeneration",
     }
 
 
@@ -29,6 +33,8 @@ def test_exports():
     [
         (LlavaVisionZipConfig, LlavaVisionZipModel, LlavaVisionZipForConditionalGeneration, LlavaProcessor),
         (LlavaTrimConfig, LlavaTrimModel, LlavaTrimForConditionalGeneration, LlavaTrimProcessor),
+        (LlavaNextVisionZipConfig, LlavaNextVisionZipModel, LlavaNextVisionZipForConditionalGeneration,
+         LlavaNextProcessor),
     ],
 )
 def test_auto_classes_resolve_both_model_types(config_class, inner, outer, processor):

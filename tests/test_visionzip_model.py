@@ -1,103 +1,29 @@
 """VisionZip inside the model: parity with an independent reference, sdpa kept, outputs, checkpoints.
 
-The reference below is written from ALGORITHMS.md §1.2 with plain loops over one image at a time. It takes
+The reference (tests/visionzip_reference.py) is written from ALGORITHMS.md §1.2 with plain loops over one image at a time. It takes
 its attention maps from an *eager* copy of the vision tower (`output_attentions=True`) and recomputes the
 keys as `k_proj(layer_norm1(layer input))`; it calls nothing from `token_reduction.py`.
 """
 
-import copy
 import json
-import math
 import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, CLIPVisionModel
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from transformers.models.clip.modeling_clip import CLIPAttention
 from conftest import assert_ships_only
+from visionzip_reference import eager_tower_outputs, reference_projection, reference_visionzip
 
 from llava_token_reduction import (
     LlavaVisionZipConfig,
     LlavaVisionZipForConditionalGeneration,
     LlavaVisionZipModel,
 )
-
-
-# Independent reference -------------------------------------------------------------------------------
-
-
-def eager_tower_outputs(model, pixel_values, **kwargs):
-    """Run an eager copy of the model's vision tower with every attention map and hidden state."""
-    config = copy.deepcopy(model.model.vision_tower.config)
-    config._attn_implementation = "eager"
-    tower = CLIPVisionModel(config).eval()
-    tower.load_state_dict(model.model.vision_tower.state_dict())
-    with torch.no_grad():
-        outputs = tower(pixel_values, output_attentions=True, output_hidden_states=True, **kwargs)
-    assert len(outputs.attentions) == len(tower.encoder.layers) and outputs.attentions[0] is not None
-    return tower, outputs
-
-
-def reference_visionzip(tower, outputs, image, layer, dominant, contextual):
-    """VisionZip for image `image`, following ALGORITHMS.md §1.2 step by step.
-
-    Returns the reduced `[dominant + contextual, D]` tokens and the smallest decision margin (score gap at
-    the top-k boundary, similarity gap between the best and second-best target), so the test can check that
-    its data does not sit on a near-tie where two correct implementations could legitimately differ."""
-    num_layers = len(tower.encoder.layers)
-    index = layer % num_layers  # layers[index] produces hidden_states[index + 1]
-    block = tower.encoder.layers[index]
-    x = outputs.hidden_states[index + 1][image]  # [N, D], CLS at 0
-    layer_input = outputs.hidden_states[index][image]
-    attention = outputs.attentions[index][image]  # [H, N, N]
-    heads, tokens = attention.shape[0], x.shape[0]
-    with torch.no_grad():
-        keys = block.self_attn.k_proj(block.layer_norm1(layer_input))  # [N, H*d], bias included
-    head_keys = keys.view(tokens, heads, -1)
-    mean_keys = [sum(head_keys[j, h] for h in range(heads)) / heads for j in range(tokens)]
-
-    margins = []
-    scores = {j: sum(float(attention[h, 0, j]) for h in range(heads)) for j in range(1, tokens)}
-    ranked = sorted(scores, key=lambda j: -scores[j])
-    top = ranked[: dominant - 1]
-    if 0 < dominant - 1 < len(ranked):
-        margins.append(scores[ranked[dominant - 2]] - scores[ranked[dominant - 1]])
-    keep = sorted([0] + top)
-    rest = [j for j in range(tokens) if j not in keep]
-
-    contextual_rows = []
-    if contextual > 0:
-        unit = [mean_keys[j] / mean_keys[j].norm() for j in rest]
-        step = max(1, len(rest) // contextual)
-        targets = [t * step for t in range(contextual)]
-        members = {t: [] for t in targets}
-        for s in range(len(rest)):
-            if s in members:
-                continue
-            similarities = [float(unit[s] @ unit[t]) for t in targets]
-            best = max(similarities)
-            owner = targets[similarities.index(best)]  # first maximum
-            members[owner].append(s)
-            if len(similarities) > 1:
-                margins.append(best - sorted(similarities)[-2])
-        for t in targets:
-            row = x[rest[t]].clone()
-            if members[t]:
-                row = row + sum(x[rest[s]] for s in members[t]) / len(members[t])
-            contextual_rows.append(row)
-    reduced = torch.stack([x[j] for j in keep] + contextual_rows)
-    return reduced, min(margins, default=math.inf)
-
-
-def reference_projection(model, reduced):
-    projector = model.model.multi_modal_projector
-    with torch.no_grad():
-        return projector.linear_2(F.gelu(projector.linear_1(reduced)))
 
 
 # Parity ----------------------------------------------------------------------------------------------
