@@ -84,6 +84,18 @@ def _run_all(pool, call, jobs, order):
     return [future.result(timeout=DEADLINE_S) for future in futures]
 
 
+def _concurrent_mismatches(call, same, jobs, expected, seed):
+    """`(round, job)` of every result that differs from `expected` when random jobs run `THREADS` at a time."""
+    rng = random.Random(seed)
+    wrong = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=THREADS) as pool:
+        for round_ in range(ROUNDS):
+            order = [rng.randrange(len(jobs)) for _ in range(THREADS * 2)]
+            results = _run_all(pool, call, jobs, order)
+            wrong += [(round_, index) for index, result in zip(order, results) if not same(result, expected[index])]
+    return wrong
+
+
 @pytest.mark.parametrize("method", ["visionzip", "trim"])
 def test_concurrent_calls_each_get_their_own_answer(method, spread_vision_weights):
     model, processor = _build(method, spread_vision_weights)
@@ -100,12 +112,36 @@ def test_concurrent_calls_each_get_their_own_answer(method, spread_vision_weight
         # The reference itself varies with the image: a test of mixing could not fail otherwise.
         if name == "get_image_features":
             assert not torch.equal(expected[0][0], expected[3][0])
-        rng = random.Random(0)
-        wrong = []
-        with concurrent.futures.ThreadPoolExecutor(max_workers=THREADS) as pool:
-            for round_ in range(ROUNDS):
-                order = [rng.randrange(len(jobs)) for _ in range(THREADS * 2)]
-                results = _run_all(pool, call, jobs, order)
-                wrong += [(round_, index) for index, result in zip(order, results) if not same(result, expected[index])]
+        wrong = _concurrent_mismatches(call, same, jobs, expected, seed=0)
         assert not wrong, f"{method} {name}: {len(wrong)} concurrent results differ from the call alone: {wrong[:5]}"
+    assert time.monotonic() - began < DEADLINE_S
+
+
+@pytest.mark.parametrize("method", ["visionzip", "trim"])
+def test_concurrent_cut_and_full_depth_calls_do_not_mix(method, spread_vision_weights):
+    """Calls that stop at layer -2 (the dead-layer cut) and calls that ask for the last hidden state (full depth)
+    in flight together on one model: each gets the answer it gets alone, and the cut calls' hidden states are
+    theirs (nothing of the depth is kept on the shared modules)."""
+    model, processor = _build(method, spread_vision_weights)
+    jobs = []
+    for job_inputs, _ in _jobs(processor, _pictures()):
+        jobs += [(job_inputs, None), (job_inputs, [-1]), (job_inputs, [0])]
+
+    def call(job):
+        inputs, asked = job
+        with torch.no_grad():
+            output = model.model.get_image_features(**inputs, output_hidden_states=asked)
+        states = () if output.hidden_states is None else tuple(s for s in output.hidden_states if s is not None)
+        return [t.clone() for t in output.pooler_output], [s.clone() for s in states]
+
+    def same(a, b):
+        return (len(a[0]) == len(b[0]) and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+                and len(a[1]) == len(b[1]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1])))
+
+    began = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as alone:
+        expected = _run_all(alone, call, jobs, range(len(jobs)))
+    assert all(not result[1] for result in expected[::3]) and all(len(result[1]) == 1 for result in expected[1::3])
+    wrong = _concurrent_mismatches(call, same, jobs, expected, seed=1)
+    assert not wrong, f"{method}: {len(wrong)} concurrent results differ from the call alone: {wrong[:5]}"
     assert time.monotonic() - began < DEADLINE_S

@@ -194,7 +194,7 @@ def test_multi_turn_with_cache_equals_from_scratch(model, processor):
     all_pixels = torch.cat([inputs["pixel_values"], expanded["pixel_values"]])
 
     calls = []
-    handle = model.model.vision_tower.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    handle = model.model.vision_tower.embeddings.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     try:
         continued = model.generate(input_ids=history, pixel_values=all_pixels, cache=cache,
                                    max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -264,7 +264,7 @@ def test_static_cache(model, processor):
 def test_placeholder_mismatch_raises_before_the_vision_tower(model, processor):
     inputs = processor(images=images(2), text=[PROMPTS[1]], return_tensors="pt")
     calls = []
-    handle = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    handle = model.model.vision_tower.embeddings.register_forward_hook(lambda *a: calls.append(1))
     first_placeholder = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0, 0])
     short_run = torch.cat([inputs["input_ids"][:, :first_placeholder], inputs["input_ids"][:, first_placeholder + 5:]], 1)
     try:

@@ -117,7 +117,7 @@ def test_multi_turn_keeps_each_images_question_and_reuses_the_cache(model, proce
         "clip_attention_mask": torch.cat([inputs["clip_attention_mask"], new_turn["clip_attention_mask"]]),
     }
     calls = []
-    handle = model.model.vision_tower.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    handle = model.model.vision_tower.embeddings.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     try:
         continued = model.generate(input_ids=history, **all_images, cache=first.cache,
                                    max_new_tokens=NEW_TOKENS, do_sample=False)

@@ -110,16 +110,17 @@ def test_vision_tower_runs_sdpa_and_never_builds_attention_maps(visionzip_model,
     assert model.config.vision_config._attn_implementation == "sdpa"
     assert tower.config._attn_implementation == "sdpa"
 
-    attention_weights, tower_kwargs = [], []
+    attention_weights, attention_kwargs = [], []
     attention_modules = [module for module in tower.modules() if isinstance(module, CLIPAttention)]
     assert len(attention_modules) == model.config.vision_config.num_hidden_layers
     handles = [
         module.register_forward_hook(lambda _module, _args, output: attention_weights.append(output[1]))
         for module in attention_modules
+    ] + [
+        module.register_forward_pre_hook(lambda _m, _args, kwargs: attention_kwargs.append(dict(kwargs)),
+                                         with_kwargs=True)
+        for module in attention_modules
     ]
-    handles.append(
-        tower.register_forward_pre_hook(lambda _m, _args, kwargs: tower_kwargs.append(dict(kwargs)), with_kwargs=True)
-    )
     pixel_values = make_pixel_values(batch=2, seed=3)
     tokens = model.config.vision_config.image_size // model.config.vision_config.patch_size
     tokens = tokens * tokens + 1
@@ -131,10 +132,10 @@ def test_vision_tower_runs_sdpa_and_never_builds_attention_maps(visionzip_model,
             handle.remove()
 
     assert len(features.pooler_output) == 2
-    assert len(attention_weights) == len(attention_modules)
+    # Layer -2 is read: the tower runs every layer but the last (its output would be thrown away).
+    assert len(attention_weights) == len(attention_modules) - 1
     assert all(weights is None for weights in attention_weights)  # sdpa returns no weights
-    assert len(tower_kwargs) == 1
-    assert not tower_kwargs[0].get("output_attentions"), tower_kwargs[0]
+    assert attention_kwargs and not any(kwargs.get("output_attentions") for kwargs in attention_kwargs)
     assert features.attentions is None
     assert recorder.shapes, "the dispatch recorder saw no ops"
     square = [shape for shape in recorder.shapes if len(shape) >= 2 and shape[-2:] == (tokens, tokens)]
@@ -149,14 +150,15 @@ def _raise(*args, **kwargs):
     raise RuntimeError("deliberate failure")
 
 
-@pytest.mark.parametrize("failing", ["layer after the chosen one", "chosen layer's q_proj", "projector"])
+@pytest.mark.parametrize("failing", ["chosen layer", "chosen layer's q_proj", "projector"])
 def test_no_hooks_are_left_behind_also_when_forward_raises(make_visionzip_model, make_pixel_values, failing):
+    # (The layer after the chosen one never runs: the tower stops at the layer VisionZip reads.)
     model = make_visionzip_model(spread=False)
     model.model.get_image_features(pixel_values=make_pixel_values())  # transformers installs its own hooks once
     before = _hook_counts(model)
     layers = model.model.vision_tower.encoder.layers
     module = {
-        "layer after the chosen one": layers[-1],
+        "chosen layer": layers[-2],
         "chosen layer's q_proj": layers[-2].self_attn.q_proj,
         "projector": model.model.multi_modal_projector,
     }[failing]

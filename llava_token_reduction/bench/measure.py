@@ -97,18 +97,21 @@ def model_device(model):
 
 
 class _Stopwatch:
-    """Forward pre/post hooks that record `clock` spans of named modules, removed on exit."""
+    """Forward pre/post hooks that record `clock` spans of named modules, removed on exit. A name may stand for
+    a tuple of modules called one after another (never nested): its spans are theirs, in call order."""
 
     def __init__(self, modules: dict, clock=time.perf_counter):
         self.clock = clock
-        self.modules = {name: module for name, module in modules.items() if module is not None}
+        self.modules = {name: module if isinstance(module, tuple) else (module,)
+                        for name, module in modules.items() if module is not None}
         self.spans = {name: [] for name in self.modules}
         self._handles = []
 
     def __enter__(self):
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
-            self._handles.append(module.register_forward_hook(self._post(name)))
+        for name, modules in self.modules.items():
+            for module in modules:
+                self._handles.append(module.register_forward_pre_hook(self._pre(name)))
+                self._handles.append(module.register_forward_hook(self._post(name)))
         return self
 
     def _pre(self, name):
@@ -166,11 +169,14 @@ def measure_generate(model, inputs: dict, new_tokens: int, with_memory: bool = F
     after the prefill, from the cache's tensors."""
     import torch
 
+    from ..modeling.vision_inputs import vision_tower_pieces
+
     device = model_device(model)
     clock = clock_of(device)
     inner = model.model
     watched = {
-        "vision": inner.vision_tower,
+        # The pieces, not the tower module: a run cut short of the last layer skips the tower's own forward.
+        "vision": vision_tower_pieces(inner.vision_tower),
         "projector": inner.multi_modal_projector,
         "text_tower": getattr(inner, "clip_text_model", None),
         "lm": inner.language_model,
