@@ -835,9 +835,11 @@ def converter_for(method: str) -> Callable[..., ConversionResult]:
 
 convert_visionzip = converter_for("visionzip")
 convert_trim = converter_for("trim")
+convert_prumerge = converter_for("prumerge")
 
 
 __all__ = [
-    "ConversionRequest", "ConversionResult", "convert", "converter_for", "convert_visionzip", "convert_trim", "push_to_hub",
+    "ConversionRequest", "ConversionResult", "convert", "converter_for", "convert_visionzip", "convert_trim",
+    "convert_prumerge", "push_to_hub",
     "DEFAULT_CLIP", "DTYPES", "INCOMPLETE_MARKER", "ConversionInterrupted",
 ]

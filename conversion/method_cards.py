@@ -69,3 +69,34 @@ def trim_card_fields(config, context) -> dict:
                   else " of each image, so an image gets the same tokens alone or in a batch"),
         budget_description=budget,
     )
+
+
+def prumerge_card_fields(config, context) -> dict:
+    variant = "PruMerge+" if config.prumerge_plus else "PruMerge"
+    bounds = []
+    if config.prumerge_min_tokens is not None:
+        bounds.append(f"at least {config.prumerge_min_tokens}")
+    if config.prumerge_max_tokens is not None:
+        bounds.append(f"at most {config.prumerge_max_tokens}")
+    budget = "the number of outliers kept depends on the image"
+    budget += f" ({' and '.join(bounds)})" if bounds else " (no bounds set)"
+    budget += (", plus the sampled patches and one extra token." if config.prumerge_plus else
+               ", plus one extra token.")
+    budget += (" Bounds and the variant can be set at load time, e.g. `from_pretrained(model_id, "
+               "trust_remote_code=True, prumerge_plus=True, prumerge_max_tokens=128)`.")
+    return dict(
+        title=f"{context.repo_id.split('/')[-1]}: LLaVA with {variant} (adaptive token reduction)",
+        intro=f"{context.base} with **{variant}** visual-token reduction: each image keeps the patches its CLS token "
+              "singles out, each merged with the patches most like it, plus one token summarising the rest.",
+        variant=variant,
+        variant_description=(
+            "PruMerge+ (this checkpoint's setting, `prumerge_plus=True`) also keeps an evenly spaced sample of the "
+            "patch grid, denser when fewer outliers were found." if config.prumerge_plus else
+            "This checkpoint is plain PruMerge (`prumerge_plus=False`); PruMerge+ also keeps an evenly spaced "
+            "sample of the patch grid."
+        ),
+        iqr_multiplier=config.prumerge_iqr_multiplier,
+        coupling=(", pooled over all images of a call as in the released code" if config.prumerge_batch_coupled
+                  else ", so an image gets the same tokens alone or in a batch"),
+        budget_description=budget,
+    )

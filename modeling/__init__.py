@@ -1,3 +1,4 @@
+from .modeling_llava_prumerge import LlavaPruMergeForConditionalGeneration, LlavaPruMergeModel
 from .modeling_llava_trim import LlavaTrimForConditionalGeneration, LlavaTrimModel
 from .modeling_llava_visionzip import LlavaVisionZipForConditionalGeneration, LlavaVisionZipModel
 from .processing_llava_trim import LlavaTrimProcessor
@@ -8,4 +9,6 @@ __all__ = [
     "LlavaTrimModel",
     "LlavaTrimForConditionalGeneration",
     "LlavaTrimProcessor",
+    "LlavaPruMergeModel",
+    "LlavaPruMergeForConditionalGeneration",
 ]

@@ -21,6 +21,7 @@ def test_exports():
     assert set(llava_token_reduction.__all__) == {
         "LlavaVisionZipConfig", "LlavaVisionZipModel", "LlavaVisionZipForConditionalGeneration",
         "LlavaTrimConfig", "LlavaTrimModel", "LlavaTrimForConditionalGeneration", "LlavaTrimProcessor",
+        "LlavaPruMergeConfig", "LlavaPruMergeModel", "LlavaPruMergeForConditionalGeneration",
     }
 
 
