@@ -5,6 +5,7 @@ from transformers import LlavaConfig
 from .config_checks import (
     FieldCheckedConfig,
     check_bool,
+    check_count_bounds,
     check_finite_float,
     check_optional_int,
     check_single_feature_layer,
@@ -73,12 +74,8 @@ class LlavaPruMergeConfig(FieldCheckedConfig, LlavaConfig):
         yields, when given). Raises `ValueError` naming the field, value and allowed range."""
         self.check_fields()
         low, high = self.prumerge_min_tokens, self.prumerge_max_tokens
-        if low is not None and high is not None and low > high:
-            raise ValueError(f"`prumerge_min_tokens` must be <= `prumerge_max_tokens`={high}, got {low}")
         available = self.num_patches if num_patches is None else num_patches
-        for field, value in (("prumerge_min_tokens", low), ("prumerge_max_tokens", high)):
-            if value is not None and value > available:
-                raise ValueError(f"`{field}` must be <= {available} (the patches per image), got {value}")
+        check_count_bounds("prumerge_min_tokens", low, "prumerge_max_tokens", high, available)
         # An image yields at most all its patches (no extra token then), or `max` merged tokens plus the extra one;
         # PruMerge+'s sampled patches are not bounded, so its worst case is all the patches.
         most = available if high is None or self.prumerge_plus else min(available, high + 1)

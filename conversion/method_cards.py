@@ -32,12 +32,13 @@ def visionzip_card_fields(config, context) -> dict:
     )
 
 
+def _bounds(low, high) -> list[str]:
+    """The optional count bounds of a method with an adaptive count, in words."""
+    return [f"{word} {value}" for word, value in (("at least", low), ("at most", high)) if value is not None]
+
+
 def trim_card_fields(config, context) -> dict:
-    bounds = []
-    if config.trim_min_tokens is not None:
-        bounds.append(f"at least {config.trim_min_tokens}")
-    if config.trim_max_tokens is not None:
-        bounds.append(f"at most {config.trim_max_tokens}")
+    bounds = _bounds(config.trim_min_tokens, config.trim_max_tokens)
     budget = "the number of kept patches depends on the image and the question"
     budget += f" ({' and '.join(bounds)} patches)" if bounds else " (no bounds set)"
     budget += ", plus one mean token." if config.trim_append_mean_token else "."
@@ -73,11 +74,7 @@ def trim_card_fields(config, context) -> dict:
 
 def prumerge_card_fields(config, context) -> dict:
     variant = "PruMerge+" if config.prumerge_plus else "PruMerge"
-    bounds = []
-    if config.prumerge_min_tokens is not None:
-        bounds.append(f"at least {config.prumerge_min_tokens}")
-    if config.prumerge_max_tokens is not None:
-        bounds.append(f"at most {config.prumerge_max_tokens}")
+    bounds = _bounds(config.prumerge_min_tokens, config.prumerge_max_tokens)
     budget = "the number of outliers kept depends on the image"
     budget += f" ({' and '.join(bounds)})" if bounds else " (no bounds set)"
     budget += (", plus the sampled patches and one extra token." if config.prumerge_plus else

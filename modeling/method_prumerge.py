@@ -14,7 +14,7 @@ width (the projections are used whole: heads are not split).
 import torch
 import torch.nn.functional as F
 
-from .token_selection import iqr_outlier_counts
+from .token_selection import bound_counts, iqr_outlier_counts
 
 
 # The released merge adds each kept patch's 32 most key-similar patches (fewer when the grid has fewer others).
@@ -35,14 +35,6 @@ def prumerge_cls_attention(cls_query: torch.Tensor, keys: torch.Tensor) -> torch
     query = cls_query.float().reshape(keys.shape[0], 1, keys.shape[-1])
     logits = (query @ keys.float().transpose(1, 2)).squeeze(1) * keys.shape[-1] ** -0.5  # [B, N]
     return logits.softmax(dim=-1)[:, 1:]
-
-
-def bound_counts(counts: list[int], num_patches: int, min_tokens: int | None = None,
-                 max_tokens: int | None = None) -> list[int]:
-    """`prumerge_min_tokens` / `prumerge_max_tokens` applied to the outlier counts (0 stays allowed)."""
-    low = min_tokens or 0
-    high = num_patches if max_tokens is None else min(max_tokens, num_patches)
-    return [min(max(count, low), high) for count in counts]
 
 
 def plus_sample_positions(kept_count: int, num_patches: int) -> list[int]:
