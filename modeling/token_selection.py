@@ -1,9 +1,10 @@
 """Selection helpers that more than one reduction method uses: pure tensor functions, no models or configs.
 
 Selecting keeps the best-scoring tokens in raster order (so kept tokens keep their spatial order whatever the
-score order was); the IQR rule counts the scores above the upper fence, and its optional bounds clamp the counts. TRIM builds on the IQR rule (it comes
-from PruMerge), VisionZip on the gathers. Only what at least two methods need lives here: everything else is in
-the method's own `method_<name>.py`, so a checkpoint ships only its method's code.
+score order was); the IQR rule counts the scores above the upper fence, and its optional bounds clamp the
+counts. TRIM and PruMerge build on the IQR rule (it comes from PruMerge), VisionZip on the gathers. Only what
+at least two methods need lives here: everything else is in the method's own `method_<name>.py`, so a
+checkpoint ships only its method's code.
 
 Shapes: `B` images (or crops), `N` tokens per image, `D` width.
 """

@@ -4,6 +4,7 @@ the model's `get_image_features` (sdpa tower) and through the tensor functions."
 import numpy as np
 import pytest
 import torch
+from prumerge_reference import last_layer_inputs, reference_prumerge
 
 from llava_token_reduction.modeling.method_prumerge import (
     MERGE_NEIGHBOURS,
@@ -13,7 +14,6 @@ from llava_token_reduction.modeling.method_prumerge import (
 )
 from llava_token_reduction.modeling.vision_inputs import run_vision_tower
 from llava_token_reduction.tiny import build_method_model
-from prumerge_reference import last_layer_inputs, reference_prumerge
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,8 @@ FIELD_SETS = [
 ]
 
 
-@pytest.mark.parametrize("fields", FIELD_SETS, ids=lambda f: ",".join(f"{k[9:]}={v}" for k, v in f.items()) or "default")
+@pytest.mark.parametrize("fields", FIELD_SETS,
+                         ids=lambda f: ",".join(f"{k[9:]}={v}" for k, v in f.items()) or "default")
 def test_image_features_match_the_reference(peaked_model, fields):
     pixel_values = _pixels(4)
     output = _features(peaked_model, pixel_values, **fields)
