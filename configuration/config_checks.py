@@ -30,6 +30,15 @@ def check_optional_int(field: str, value, minimum: int | None = None) -> None:
         check_int(field, value, minimum=minimum)
 
 
+def check_count_bounds(min_field: str, low, max_field: str, high, available: int) -> None:
+    """Optional bounds on a per-image count (already checked one by one): `low <= high`, both `<= available`."""
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"`{min_field}` must be <= `{max_field}`={high}, got {low}")
+    for field, value in ((min_field, low), (max_field, high)):
+        if value is not None and value > available:
+            raise ValueError(f"`{field}` must be <= {available} (the patches per image), got {value}")
+
+
 def check_bool(field: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"`{field}` must be a bool (True or False), got {value!r} ({type(value).__name__})")

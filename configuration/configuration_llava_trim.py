@@ -6,6 +6,7 @@ from transformers.configuration_utils import SubConfigSpec
 from .config_checks import (
     FieldCheckedConfig,
     check_bool,
+    check_count_bounds,
     check_finite_float,
     check_int,
     check_optional_int,
@@ -111,12 +112,8 @@ class LlavaTrimConfig(FieldCheckedConfig, LlavaConfig):
                 f"embedding size, also the output of `visual_projection`), got {text_projection}"
             )
         low, high = self.trim_min_tokens, self.trim_max_tokens
-        if low is not None and high is not None and low > high:
-            raise ValueError(f"`trim_min_tokens` must be <= `trim_max_tokens`={high}, got {low}")
         available = self.num_patches if num_patches is None else num_patches
-        for field, value in (("trim_min_tokens", low), ("trim_max_tokens", high)):
-            if value is not None and value > available:
-                raise ValueError(f"`{field}` must be <= {available} (the patches per image), got {value}")
+        check_count_bounds("trim_min_tokens", low, "trim_max_tokens", high, available)
         # Worst case an image yields all its patches (the mean token is dropped then), or `max` plus the mean.
         most = available if high is None else min(available, high + int(self.trim_append_mean_token))
         if most > self.image_seq_length:

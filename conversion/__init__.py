@@ -3,12 +3,13 @@ optional CLIP checkpoint and projector file) to self-contained VisionZip / TRIM 
 card renderer. Command line: `llava-token-reduction convert ...` or `python -m llava_token_reduction.conversion`.
 """
 
-from .converter import ConversionRequest, ConversionResult, convert, convert_trim, convert_visionzip
+from .converter import ConversionRequest, ConversionResult, convert, convert_prumerge, convert_trim, convert_visionzip
 from .errors import ConversionError
 from .model_card import extract_python_snippets, render_model_card
 
 
 __all__ = [
     "ConversionError", "ConversionRequest", "ConversionResult", "convert", "convert_visionzip", "convert_trim",
+    "convert_prumerge",
     "render_model_card", "extract_python_snippets",
 ]

@@ -145,9 +145,11 @@ def converter_for(method: str) -> Callable[..., ConversionResult]:
 
 convert_visionzip = converter_for("visionzip")
 convert_trim = converter_for("trim")
+convert_prumerge = converter_for("prumerge")
 
 
 __all__ = [
     "ConversionRequest", "ConversionResult", "convert", "converter_for", "convert_visionzip", "convert_trim",
-    "push_to_hub", "DEFAULT_CLIP", "DTYPES", "METHODS", "INCOMPLETE_MARKER", "ConversionInterrupted",
+    "convert_prumerge", "push_to_hub", "DEFAULT_CLIP", "DTYPES", "METHODS", "INCOMPLETE_MARKER",
+    "ConversionInterrupted",
 ]

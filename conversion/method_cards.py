@@ -32,12 +32,13 @@ def visionzip_card_fields(config, context) -> dict:
     )
 
 
+def _bounds(low, high) -> list[str]:
+    """The optional count bounds of a method with an adaptive count, in words."""
+    return [f"{word} {value}" for word, value in (("at least", low), ("at most", high)) if value is not None]
+
+
 def trim_card_fields(config, context) -> dict:
-    bounds = []
-    if config.trim_min_tokens is not None:
-        bounds.append(f"at least {config.trim_min_tokens}")
-    if config.trim_max_tokens is not None:
-        bounds.append(f"at most {config.trim_max_tokens}")
+    bounds = _bounds(config.trim_min_tokens, config.trim_max_tokens)
     budget = "the number of kept patches depends on the image and the question"
     budget += f" ({' and '.join(bounds)} patches)" if bounds else " (no bounds set)"
     budget += ", plus one mean token." if config.trim_append_mean_token else "."
@@ -67,5 +68,32 @@ def trim_card_fields(config, context) -> dict:
         ),
         coupling=(", pooled over all images of a call as in the released code" if config.trim_batch_coupled
                   else " of each image, so an image gets the same tokens alone or in a batch"),
+        budget_description=budget,
+    )
+
+
+def prumerge_card_fields(config, context) -> dict:
+    variant = "PruMerge+" if config.prumerge_plus else "PruMerge"
+    bounds = _bounds(config.prumerge_min_tokens, config.prumerge_max_tokens)
+    budget = "the number of outliers kept depends on the image"
+    budget += f" ({' and '.join(bounds)})" if bounds else " (no bounds set)"
+    budget += (", plus the sampled patches and one extra token." if config.prumerge_plus else
+               ", plus one extra token.")
+    budget += (" Bounds and the variant can be set at load time, e.g. `from_pretrained(model_id, "
+               "trust_remote_code=True, prumerge_plus=True, prumerge_max_tokens=128)`.")
+    return dict(
+        title=f"{context.repo_id.split('/')[-1]}: LLaVA with {variant} (adaptive token reduction)",
+        intro=f"{context.base} with **{variant}** visual-token reduction: each image keeps the patches its CLS token "
+              "singles out, each merged with the patches most like it, plus one token summarising the rest.",
+        variant=variant,
+        variant_description=(
+            "PruMerge+ (this checkpoint's setting, `prumerge_plus=True`) also keeps an evenly spaced sample of the "
+            "patch grid, denser when fewer outliers were found." if config.prumerge_plus else
+            "This checkpoint is plain PruMerge (`prumerge_plus=False`); PruMerge+ also keeps an evenly spaced "
+            "sample of the patch grid."
+        ),
+        iqr_multiplier=config.prumerge_iqr_multiplier,
+        coupling=(", pooled over all images of a call as in the released code" if config.prumerge_batch_coupled
+                  else ", so an image gets the same tokens alone or in a batch"),
         budget_description=budget,
     )

@@ -219,8 +219,48 @@ TRIM = ReductionMethod(
     conversion_hook="llava_token_reduction.conversion.method_conversion:trim_conversion",
 )
 
+def _prumerge_result(config, output) -> str:
+    merged, outliers = len(output.kept_indices[0]), output.outlier_counts[0]
+    extra = len(output.pooler_output[0]) - merged
+    sampled = f" ({outliers} outliers + {merged - outliers} sampled)" if config.prumerge_plus else ""
+    return f"{merged} merged{sampled}" + (f" + {extra} extra" if extra else "")
+
+
+PRUMERGE = ReductionMethod(
+    name="prumerge",
+    label="PruMerge",
+    model_type="llava_prumerge",
+    config_class_name="LlavaPruMergeConfig",
+    model_class_name="LlavaPruMergeModel",
+    generation_class_name="LlavaPruMergeForConditionalGeneration",
+    processor_class_name="transformers:LlavaProcessor",
+    summary="a count that varies per image: the patches the last layer's CLS attends to as outliers, each merged "
+            "with its most similar patches, plus one weighted sum of the rest",
+    reduction_steps="last layer's CLS row, IQR count, selection, merge",
+    side_inputs=(),
+    needs_clip_text_tower=False,
+    options=(
+        Option("prumerge_plus", bool, False, "PruMerge+: also keep an evenly spaced sample of the grid", cli=True),
+        Option("prumerge_iqr_multiplier", float, 1.5, "keep patches whose CLS attention is above Q3 + m·IQR"),
+        Option("prumerge_batch_coupled", bool, False, "pool the quartiles over the batch (released code)"),
+        Option("prumerge_min_tokens", int, None, "at least this many outliers kept", optional=True),
+        Option("prumerge_max_tokens", int, None, "at most this many outliers kept", optional=True),
+    ),
+    describe=lambda config: "PruMerge+" if config.prumerge_plus else "PruMerge",
+    describe_result=_prumerge_result,
+    card_template="prumerge.md",
+    card_fields=("variant", "variant_description", "iqr_multiplier", "coupling", "budget_description"),
+    card_fields_reference="llava_token_reduction.conversion.method_cards:prumerge_card_fields",
+    convert_help="PruMerge / PruMerge+ (adaptive count, text-agnostic)",
+    show_picture="heat map of the log CLS attention, kept patches outlined, PruMerge+'s samples dotted",
+    show_selection="llava_token_reduction.show:prumerge_selection",
+    convert_function="llava_token_reduction.conversion:convert_prumerge",
+    captures_vision_attention=False,
+    bench_variants=(BenchVariant("prumerge"), BenchVariant("prumerge-plus", (("prumerge_plus", True),))),
+)
+
 # In the order the tools list them.
-METHODS: dict[str, ReductionMethod] = {method.name: method for method in (VISIONZIP, TRIM)}
+METHODS: dict[str, ReductionMethod] = {method.name: method for method in (VISIONZIP, TRIM, PRUMERGE)}
 
 
 def get(name: str) -> ReductionMethod:

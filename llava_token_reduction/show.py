@@ -110,6 +110,30 @@ def trim_selection(model, pixel_values, clip_input_ids, clip_attention_mask=None
     )
 
 
+def prumerge_selection(model, pixel_values) -> Selection:
+    """Run PruMerge's `get_image_features` on one image and return its kept patches, scores and (PruMerge+) the
+    sampled patches, drawn as dots."""
+    import torch
+
+    with torch.inference_mode():
+        output = model.model.get_image_features(pixel_values=pixel_values[:1])
+    scores = output.scores[0].float()
+    kept, outliers = output.kept_indices[0].tolist(), output.outlier_counts[0]
+    patches = scores.shape[0]
+    tokens = int(output.pooler_output[0].shape[0])
+    label = "PruMerge+" if model.config.prumerge_plus else "PruMerge"
+    sampled = f" + {len(kept) - outliers} sampled (dotted)" if model.config.prumerge_plus else ""
+    return Selection(
+        method="prumerge", grid=int(round(patches**0.5)), kept=kept, scores=scores.tolist(),
+        targets=kept[outliers:] or None, tokens=tokens,
+        description=(
+            f"{label}: {outliers} outliers of the last layer's CLS attention{sampled} of {patches} patches kept "
+            f"(outlined), each merged with its most similar patches{' + 1 extra token' if tokens > len(kept) else ''}"
+            "; heat map = log attention"
+        ),
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Drawing
 

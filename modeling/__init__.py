@@ -1,4 +1,5 @@
 from .modeling_llava_next_visionzip import LlavaNextVisionZipForConditionalGeneration, LlavaNextVisionZipModel
+from .modeling_llava_prumerge import LlavaPruMergeForConditionalGeneration, LlavaPruMergeModel
 from .modeling_llava_trim import LlavaTrimForConditionalGeneration, LlavaTrimModel
 from .modeling_llava_visionzip import LlavaVisionZipForConditionalGeneration, LlavaVisionZipModel
 from .processing_llava_trim import LlavaTrimProcessor
@@ -11,4 +12,6 @@ __all__ = [
     "LlavaTrimProcessor",
     "LlavaNextVisionZipModel",
     "LlavaNextVisionZipForConditionalGeneration",
+    "LlavaPruMergeModel",
+    "LlavaPruMergeForConditionalGeneration",
 ]

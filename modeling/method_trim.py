@@ -10,7 +10,7 @@ Shapes: `B` images (or crops), `N_p` patches per image (CLS excluded), `D` visio
 
 import torch
 
-from .token_selection import iqr_outlier_counts, top_k_in_raster_order
+from .token_selection import bound_counts, iqr_outlier_counts, top_k_in_raster_order
 
 
 def trim_similarity_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor, negate: bool = True) -> torch.Tensor:
@@ -42,9 +42,7 @@ def bound_token_counts(
     A count of 0 is allowed when the mean token is appended (the image is then represented by the mean of
     all its patches alone); without the mean token it is raised to 1 so that every image yields a token.
     """
-    low = min_tokens or 0
-    high = num_patches if max_tokens is None else min(max_tokens, num_patches)
-    bounded = [min(max(count, low), high) for count in counts]
+    bounded = bound_counts(counts, num_patches, min_tokens, max_tokens)
     if not append_mean_token:
         bounded = [max(count, 1) for count in bounded]
     return bounded

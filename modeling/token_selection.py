@@ -1,9 +1,10 @@
 """Selection helpers that more than one reduction method uses: pure tensor functions, no models or configs.
 
 Selecting keeps the best-scoring tokens in raster order (so kept tokens keep their spatial order whatever the
-score order was); the IQR rule counts the scores above the upper fence. TRIM builds on the IQR rule (it comes
-from PruMerge), VisionZip on the gathers. Only what at least two methods need lives here: everything else is in
-the method's own `method_<name>.py`, so a checkpoint ships only its method's code.
+score order was); the IQR rule counts the scores above the upper fence, and its optional bounds clamp the
+counts. TRIM and PruMerge build on the IQR rule (it comes from PruMerge), VisionZip on the gathers. Only what
+at least two methods need lives here: everything else is in the method's own `method_<name>.py`, so a
+checkpoint ships only its method's code.
 
 Shapes: `B` images (or crops), `N` tokens per image, `D` width.
 """
@@ -54,3 +55,12 @@ def iqr_outlier_counts(scores: torch.Tensor, multiplier: float = 1.5, batch_coup
     if batch_coupled:
         return [int(patches * outliers[0] / values.shape[-1])] * batch
     return [int(count) for count in outliers]
+
+
+def bound_counts(counts: list[int], num_patches: int, min_tokens: int | None = None,
+                 max_tokens: int | None = None) -> list[int]:
+    """Per-image counts clamped to `[min_tokens or 0, min(max_tokens, num_patches)]` (a count of 0 stays 0 without a
+    `min_tokens`): the optional bounds TRIM and PruMerge put on their IQR counts."""
+    low = min_tokens or 0
+    high = num_patches if max_tokens is None else min(max_tokens, num_patches)
+    return [min(max(count, low), high) for count in counts]

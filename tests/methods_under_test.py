@@ -12,6 +12,7 @@ from llava_token_reduction.tiny import build_method_model, build_method_processo
 METHOD_FIELDS = {
     "visionzip": {"dominant_tokens": 8, "contextual_tokens": 4},
     "trim": {},
+    "prumerge": {"prumerge_plus": True},
 }
 METHOD_NAMES = tuple(METHOD_FIELDS)
 

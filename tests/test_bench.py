@@ -48,7 +48,8 @@ def test_tiny_run_reports_every_method_and_field(tiny_report):
     report, _ = tiny_report
     assert report["random_weights"] is True and "RANDOM" in report["notice"]
     rows = {row["method"]: row for row in report["methods"]}
-    assert list(rows) == ["stock", "visionzip-192", "visionzip-128", "visionzip-64", "trim"]
+    assert list(rows) == ["stock", "visionzip-192", "visionzip-128", "visionzip-64", "trim", "prumerge",
+                          "prumerge-plus"]
     fixed = ("stock", "visionzip-192", "visionzip-128", "visionzip-64")
     assert [rows[name]["image_tokens"] for name in fixed] == [576, 192, 128, 64]
     text_tokens = rows["stock"]["prefill_tokens"] - 576
@@ -80,7 +81,7 @@ def test_tiny_run_reports_every_method_and_field(tiny_report):
     assert attention["released_eager_all_maps"]["attention_map_bytes"] == 6 * 4 * 577 * 577 * 4
     figures = {(figure["method"], figure["kind"]): figure for figure in report["figures"]}
     assert set(figures) == {
-        (name, kind) for name in ("visionzip-192", "visionzip-128", "visionzip-64", "trim")
+        (name, kind) for name in ("visionzip-192", "visionzip-128", "visionzip-64", "trim", "prumerge", "prumerge-plus")
         for kind in ("reduction_over_vision", "prefill_speedup_fraction")
     }
     assert figures["trim", "reduction_over_vision"]["value"] == rows["trim"]["reduction_over_vision"]

@@ -63,7 +63,7 @@ def test_demo_prints_stock_visionzip_and_trim_columns(demo_run):
     assert status == 0
     assert "random weights" in out and "gibberish" in out
     assert "TRIM's kept count comes from a random CLIP" in out
-    assert table_header(out) == ["stock LLaVA", "VisionZip 54+10", "TRIM"]
+    assert table_header(out) == ["stock LLaVA", "VisionZip 54+10", "TRIM", "PruMerge"]
     tokens = table_row(out, "image tokens per image")
     assert tokens[:2] == ["576", "64 (-88.9%)"]
     assert table_row(out, "  made of")[:2] == ["all patches", "54 dominant + 10 merged"]
@@ -78,10 +78,13 @@ def test_demo_prints_stock_visionzip_and_trim_columns(demo_run):
     assert lengths[0] - lengths[1] == 576 - 64 and lengths[0] - lengths[2] == 576 - trim_tokens
     for label in ("vision tower + projector (ms)", "LM prefill (ms)", "whole forward pass (ms)"):
         cells = table_row(out, label)
-        assert len(cells) == 3 and all(number(cell) > 0 for cell in cells), label
+        assert len(cells) == 4 and all(number(cell) > 0 for cell in cells), label
         assert all(re.search(r"\(\d+\.\dx (faster|slower)\)$", cell) for cell in cells[1:]), cells
     assert re.search(r"^VisionZip 54\+10: '.*'$", out, flags=re.MULTILINE)
     assert re.search(r"^TRIM: '.*'$", out, flags=re.MULTILINE)
+    # PruMerge's column, from the registry: its adaptive count of merged patches plus the extra token.
+    assert re.fullmatch(r"\d+ merged( \+ 1 extra)?", table_row(out, "  made of")[3])
+    assert re.search(r"^PruMerge: '.*'$", out, flags=re.MULTILINE)
 
 
 def test_demo_reports_progress_on_stderr(demo_run):
@@ -143,7 +146,7 @@ def test_demo_on_a_stock_llava_checkpoint_with_clip(stock_llava_dir, tiny_clip_d
     ])
     assert status == 0, err
     assert "random weights" not in out
-    assert table_header(out) == ["stock LLaVA", "VisionZip 10+4", "TRIM"]
+    assert table_header(out) == ["stock LLaVA", "VisionZip 10+4", "TRIM", "PruMerge"]
     tokens = table_row(out, "image tokens per image")
     assert tokens[:2] == ["64", "14 (-78.1%)"]
     assert re.fullmatch(r"\d+ kept( \+ 1 mean)?", table_row(out, "  made of")[2])
@@ -169,7 +172,7 @@ def test_demo_on_a_trim_checkpoint_needs_no_clip(tiny_trim_dir):
     status, out, err = run_main(["demo", *QUICK, "--model", str(tiny_trim_dir), "--dominant-tokens", "10",
                                  "--contextual-tokens", "4"])
     assert status == 0, err
-    assert table_header(out) == ["stock LLaVA", "VisionZip 10+4", "TRIM"]
+    assert table_header(out) == ["stock LLaVA", "VisionZip 10+4", "TRIM", "PruMerge"]
     assert table_row(out, "image tokens per image")[1] == "14 (-78.1%)"
     status, out, err = run_main(["demo", *QUICK, "--model", str(tiny_trim_dir), "--method", "trim"])
     assert status == 0, err
@@ -205,11 +208,11 @@ def test_demo_refuses_clip_with_a_trim_checkpoint_and_trim_from_visionzip(tiny_t
 
 def test_demo_method_choices(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["demo", "--method", "prumerge"])
+        cli.main(["demo", "--method", "fastv"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(ValueError, match="method"):
-        demo.run_demo(method="prumerge")
+        demo.run_demo(method="fastv")
 
 
 def test_demo_refuses_other_model_types(tmp_path):

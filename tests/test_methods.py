@@ -17,7 +17,7 @@ from llava_token_reduction.model_cards import __file__ as model_cards_init
 from llava_token_reduction.tiny import DEMO_SHAPE, llava_config_kwargs, trim_config_kwargs
 
 
-METHOD_NAMES = ["visionzip", "trim"]
+METHOD_NAMES = ["visionzip", "trim", "prumerge"]
 
 
 def test_the_registry_lists_the_methods_in_order_with_unique_names_and_types():
@@ -95,8 +95,10 @@ def test_the_cli_options_are_those_the_tools_accept_today(name):
     parser = build_parser()
     for option in methods.get(name).cli_options():
         for command in (["demo"], ["show", "--image", "x", "--method", name], ["convert", name, "SRC", "OUT"]):
-            args = parser.parse_args([*command, option.flag, "7"])
-            assert getattr(args, option.field) == 7, (command, option.flag)
+            # A bool option is a `--flag` / `--no-flag` pair; the others take a value.
+            given, expected = ([option.flag], True) if option.type is bool else ([option.flag, "7"], 7)
+            args = parser.parse_args([*command, *given])
+            assert getattr(args, option.field) == expected, (command, option.flag)
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)

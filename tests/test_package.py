@@ -25,6 +25,7 @@ def test_exports():
         "LlavaVisionZipConfig", "LlavaVisionZipModel", "LlavaVisionZipForConditionalGeneration",
         "LlavaTrimConfig", "LlavaTrimModel", "LlavaTrimForConditionalGeneration", "LlavaTrimProcessor",
         "LlavaNextVisionZipConfig", "LlavaNextVisionZipModel", "LlavaNextVisionZipForConditionalGeneration",
+        "LlavaPruMergeConfig", "LlavaPruMergeModel", "LlavaPruMergeForConditionalGeneration",
     }
 
 
