@@ -18,7 +18,7 @@ import importlib
 import sys
 
 from .errors import UserError, print_failure
-from .methods import METHODS
+from .methods import labels_in_words
 
 
 PROG = "llava-token-reduction"
@@ -39,15 +39,10 @@ COMMAND_MODULES = (
 CommandError = UserError
 
 
-def _listed(names: list[str]) -> str:
-    """'A', 'A and B', 'A, B and C'."""
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description=_listed([method.label for method in METHODS.values()])
+        description=labels_in_words()
         + " visual-token reduction for LLaVA (Hugging Face transformers).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")

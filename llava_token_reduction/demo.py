@@ -180,9 +180,8 @@ def run_demo(
             for name in methods:
                 with _step(status, f"loading it back with AutoModelForImageTextToText from {directory / name}"):
                     loaded[name] = _load_auto(directory / name, device, torch_dtype, trust_remote_code=False)
-            source = "small LLaVA with random weights, saved as " + " and ".join(
-                f"a {registry.get(name).label} checkpoint" for name in methods
-            ) + " and reloaded"
+            checkpoints = "checkpoints" if len(methods) > 1 else "checkpoint"
+            source = f"small LLaVA with random weights, saved as {registry.labels_in_words(methods)} {checkpoints} and reloaded"
         else:
             loaded = _load_checkpoint(
                 model, methods, clip, overrides, device, torch_dtype, directory, bool(output), status, notes,

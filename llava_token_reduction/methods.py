@@ -277,3 +277,9 @@ def for_model_type(model_type: str) -> ReductionMethod | None:
 
 
 __all__ = ["BenchVariant", "COMMON_CARD_FIELDS", "METHODS", "Option", "ReductionMethod", "for_model_type", "get"]
+
+
+def labels_in_words(names=None) -> str:
+    """The methods' labels as a sentence: 'VisionZip', 'VisionZip and TRIM', 'VisionZip, TRIM and PruMerge'."""
+    labels = [METHODS[name].label for name in (names if names is not None else METHODS)]
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
