@@ -127,3 +127,38 @@ def test_hub_id_from_the_hub_cache_offline(saved, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["LlavaVisionZipForConditionalGeneration", "6"]
+
+
+def test_stock_llava_next_checkpoint_evaluates_reduced_without_type_warnings(tmp_path):
+    """A stock LLaVA-NeXT checkpoint with method=visionzip loads as LLaVA-NeXT VisionZip (budget per crop), quietly,
+    and the runner's batched answers equal each prompt alone (images of different grids in one batch)."""
+    import logging
+
+    from llava_token_reduction.tiny_next import build_next_processor, stock_next_model
+
+    stock_next_model(seed=0).save_pretrained(tmp_path)
+    build_next_processor().save_pretrained(tmp_path)
+    messages = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("transformers.configuration_utils")
+    recorder = Recorder(level=logging.WARNING)
+    logger.addHandler(recorder)
+    try:
+        loaded = load_for_evaluation(str(tmp_path), method="visionzip",
+                                     overrides={"dominant_tokens": 6, "contextual_tokens": 2})
+    finally:
+        logger.removeHandler(recorder)
+    assert type(loaded.model).__name__ == "LlavaNextVisionZipForConditionalGeneration"
+    assert not [m for m in messages if "to instantiate a model of type" in m], messages
+    runner = ReducedLlavaRunner(loaded)
+    images = [Image.new("RGB", (90, 50), (200, 10, 10)), Image.new("RGB", (40, 120), (10, 200, 10))]
+    prompts = [prompt_from_text("<image>\nWhat is it?", [images[0]]), prompt_from_text("<image>\nWhat color?", [images[1]])]
+    batched = runner.generate(prompts, {"max_new_tokens": 5})
+    alone = [runner.generate([prompt], {"max_new_tokens": 5})[0] for prompt in prompts]
+    assert [text for text, _ in batched] == [text for text, _ in alone]
+    assert [report.image_tokens for _, report in batched] == [report.image_tokens for _, report in alone]
+    assert all(report.image_tokens < report.image_placeholders for _, report in batched)

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import llava_token_reduction  # noqa: F401 - registers our model types with the Auto classes
+from llava_token_reduction.modeling.checkpoint_source import accepted_type_mismatch
 
 from .methods import METHODS, STOCK_MODEL_TYPES, ReductionMethod, get_method, method_of_model_type, stock_to_reduced
 
@@ -92,14 +93,16 @@ def load_for_evaluation(
         if reduced_type not in CONFIG_MAPPING:
             raise ValueError(f"the {reduced_type!r} classes are not available in this installation of llava-token-reduction")
         config_class = CONFIG_MAPPING[reduced_type]
-        base = config_class.from_pretrained(pretrained, revision=revision)
-        overrides = _checked_overrides(base, overrides, pretrained)
-        config = config_class.from_pretrained(pretrained, revision=revision, **overrides)
+        # Loading the stock config into ours is the accepted case: drop transformers' type-mismatch warning for it.
+        with accepted_type_mismatch(config.model_type, reduced_type):
+            base = config_class.from_pretrained(pretrained, revision=revision)
+            overrides = _checked_overrides(base, overrides, pretrained)
+            config = config_class.from_pretrained(pretrained, revision=revision, **overrides)
         model = AutoModelForImageTextToText.from_pretrained(pretrained, config=config, **load_kwargs)
     else:
         overrides = _checked_overrides(config, overrides, pretrained)
         model = AutoModelForImageTextToText.from_pretrained(pretrained, **load_kwargs, **overrides)
-    # The class's model type: a stock config loaded into our config class keeps `model_type="llava"` on the instance.
+    # Checked on the class's model type, whatever the instance's config says.
     if method_of_model_type(model_type_of(model)) is not final:
         raise ValueError(f"loading {pretrained} gave a {model_type_of(model)!r} model, not the expected one")
     model.eval()
