@@ -153,11 +153,7 @@ class ReducedLlavaForConditionalGeneration(
         return None
 
     def __init__(self, config):
-        # Not LlavaForConditionalGeneration.__init__: that would build (and initialise) a stock LlavaModel.
-        LlavaPreTrainedModel.__init__(self, config)
-        self.model = self.inner_model_class(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+        self._build_outer(config, LlavaPreTrainedModel)
 
 
 __all__ = [

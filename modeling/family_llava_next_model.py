@@ -235,11 +235,7 @@ class ReducedLlavaNextForConditionalGeneration(
         )
 
     def __init__(self, config):
-        # Not LlavaNextForConditionalGeneration.__init__: that would build (and initialise) a stock LlavaNextModel.
-        LlavaNextPreTrainedModel.__init__(self, config)
-        self.model = self.inner_model_class(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+        self._build_outer(config, LlavaNextPreTrainedModel)
 
 
 __all__ = [

@@ -9,6 +9,7 @@ Shipped with every checkpoint (remote code): it imports only transformers and si
 
 import os
 
+from torch import nn
 from transformers import PretrainedConfig
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -65,6 +66,14 @@ class ReducedCheckpointMixin:
     sets `config_class` and `inner_model_class`."""
 
     inner_model_class: type = None
+
+    def _build_outer(self, config, pretrained_class: type) -> None:
+        """The outer model's modules: our inner model and the LM head. Not the stock outer `__init__`, which would
+        build (and initialise) a stock inner model; `pretrained_class` is the family's `...PreTrainedModel`."""
+        pretrained_class.__init__(self, config)
+        self.model = self.inner_model_class(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
