@@ -10,11 +10,13 @@ import os
 
 import numpy as np
 import torch
-from conftest import _spread_vision_weights
 from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from conftest import _spread_vision_weights
 from llava_token_reduction import (
+    LlavaPruMergeConfig,
+    LlavaPruMergeForConditionalGeneration,
     LlavaTrimConfig,
     LlavaTrimForConditionalGeneration,
     LlavaVisionZipConfig,
@@ -145,6 +147,13 @@ def save_trim_checkpoint(directory, seed: int = 0) -> str:
     return _saved(LlavaTrimForConditionalGeneration(config), build_trim_processor(), directory, seed)
 
 
+def save_prumerge_checkpoint(directory, seed: int = 0, **fields) -> str:
+    torch.manual_seed(seed)
+    config = LlavaPruMergeConfig(**llava_config_kwargs(), **fields)
+    return _saved(LlavaPruMergeForConditionalGeneration(config), build_processor(), directory, seed)
+
+
 def save_stock_checkpoint(directory, seed: int = 0) -> str:
     torch.manual_seed(seed)
-    return _saved(LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs())), build_processor(), directory, seed)
+    model = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs()))
+    return _saved(model, build_processor(), directory, seed)
