@@ -13,6 +13,7 @@ from llava_token_reduction.evaluation.batching import (
     prompt_from_text,
 )
 from llava_token_reduction.evaluation.loading import load_for_evaluation
+from llava_token_reduction.methods import METHODS
 from llava_token_reduction.tiny import build_processor
 
 
@@ -22,11 +23,13 @@ def saved(tmp_path_factory):
     trim_with_stock_processor = root / "trim_stock_processor"
     support.save_trim_checkpoint(trim_with_stock_processor)
     build_processor().save_pretrained(trim_with_stock_processor)  # replaces the TRIM processor
-    return {"visionzip": support.save_visionzip_checkpoint(root / "visionzip"),
-            "trim": support.save_trim_checkpoint(root / "trim"),
-            "prumerge": support.save_prumerge_checkpoint(root / "prumerge"),
-            "stock": support.save_stock_checkpoint(root / "stock"),
-            "trim_stock_processor": str(trim_with_stock_processor)}
+    checkpoints = {"visionzip": support.save_visionzip_checkpoint(root / "visionzip"),
+                   "trim": support.save_trim_checkpoint(root / "trim"),
+                   "stock": support.save_stock_checkpoint(root / "stock"),
+                   "trim_stock_processor": str(trim_with_stock_processor)}
+    for name in METHODS:  # every other method of the registry (PruMerge), built the registry's way
+        checkpoints.setdefault(name, support.save_method_checkpoint(root / name, name))
+    return checkpoints
 
 
 def test_config_fields_are_load_time_overrides(saved):
@@ -97,8 +100,6 @@ def test_stock_checkpoint_reduced_as_prumerge_plus_at_load_time(saved):
 
 def test_every_registered_field_is_a_load_time_override(saved):
     """Each method's registry options are accepted by name on its own checkpoint (and refused on another's)."""
-    from llava_token_reduction.methods import METHODS
-
     for name, method in METHODS.items():
         for option in method.options:
             value = option.default if option.default is not None else 3
@@ -231,7 +232,6 @@ def test_serving_and_the_guide_cover_every_registered_method():
     LLaVA-NeXT VisionZip's too), and docs/evaluation.md names every method's `--model` and fields."""
     from pathlib import Path
 
-    from llava_token_reduction.methods import METHODS
     from llava_token_reduction.serve import served_model_classes
 
     classes = served_model_classes()
