@@ -39,6 +39,23 @@ def check_count_bounds(min_field: str, low, max_field: str, high, available: int
             raise ValueError(f"`{field}` must be <= {available} (the patches per image), got {value}")
 
 
+def check_count_fits(prefix: str, low, high, available: int, extra: int, image_seq_length: int,
+                     unbounded: bool = False, also: str = "") -> None:
+    """The bounds `<prefix>_min_tokens` = `low` / `<prefix>_max_tokens` = `high` of a per-image count that varies
+    (TRIM's, PruMerge's; each already checked alone) against the `available` patches, and the most tokens an
+    image can then yield against its `image_seq_length` placeholders: all the patches when `high` is None or the
+    method adds tokens the bound does not cover (`unbounded`), else `high` plus the `extra` tokens the method
+    appends (a mean or a sum of the rest). `also` completes the advice of the message."""
+    max_field = f"{prefix}_max_tokens"
+    check_count_bounds(f"{prefix}_min_tokens", low, max_field, high, available)
+    most = available if high is None or unbounded else min(available, high + extra)
+    if most > image_seq_length:
+        raise ValueError(
+            f"`{max_field}` must leave room for the image placeholders: an image may yield {most} tokens but "
+            f"image_seq_length={image_seq_length}; set `{max_field}` <= {image_seq_length - extra}{also}, got {high}"
+        )
+
+
 def check_bool(field: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"`{field}` must be a bool (True or False), got {value!r} ({type(value).__name__})")
@@ -91,11 +108,15 @@ class FieldCheckedConfig:
 
     `from_pretrained(path, field=value)` applies load-time overrides with setattr after construction,
     bypassing `__post_init__`; checking in `__setattr__` catches those too. Subclasses list their checks
-    in `single_field_checks` (field name -> callable raising `ValueError`) and call `check_fields()` from
-    their full validation.
+    in `single_field_checks` (field name -> callable raising `ValueError`) and define their full validation,
+    `validate_token_reduction()`, which calls `check_fields()`; it runs once the family's config is built.
     """
 
     single_field_checks: dict = {}
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_token_reduction()
 
     def __setattr__(self, key, value):
         if key == "model_type":

@@ -5,8 +5,7 @@ from types import SimpleNamespace
 from transformers import LlavaNextConfig
 
 from .config_checks import FieldCheckedConfig, check_int, vision_token_count
-from .configuration_llava_visionzip import _SINGLE_FIELD_CHECKS as _VISIONZIP_FIELD_CHECKS
-from .configuration_llava_visionzip import LlavaVisionZipConfig
+from .configuration_llava_visionzip import LlavaVisionZipConfig, VisionZipFields
 
 
 def check_grid_pinpoints(pinpoints, crop_size: int) -> None:
@@ -27,7 +26,7 @@ def check_grid_pinpoints(pinpoints, crop_size: int) -> None:
                 )
 
 
-class LlavaNextVisionZipConfig(FieldCheckedConfig, LlavaNextConfig):
+class LlavaNextVisionZipConfig(VisionZipFields, FieldCheckedConfig, LlavaNextConfig):
     r"""
     A [`LlavaNextConfig`] with the VisionZip budget, given **per crop**: the base image and every grid crop of an
     image are each reduced to `dominant_tokens + contextual_tokens` tokens, so an image whose grid has `G` crops
@@ -52,18 +51,8 @@ class LlavaNextVisionZipConfig(FieldCheckedConfig, LlavaNextConfig):
     ```
     """
 
-    # The same single-field checks as LLaVA-1.5's VisionZip config (`from_pretrained(path, dominant_tokens=...)`
-    # applies load-time overrides with setattr, bypassing `__post_init__`).
-    single_field_checks = _VISIONZIP_FIELD_CHECKS
+    # The fields and their single-field checks are LLaVA-1.5's VisionZip config's (`VisionZipFields`).
     model_type = "llava_next_visionzip"
-
-    dominant_tokens: int = 54
-    contextual_tokens: int = 10
-    visionzip_layer: int = -2
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self.validate_token_reduction()
 
     # What `tokens_per_crop` is made of, for the family's messages.
     tokens_per_crop_fields = "dominant_tokens + contextual_tokens"

@@ -5,7 +5,7 @@ from transformers import LlavaConfig
 from .config_checks import (
     FieldCheckedConfig,
     check_bool,
-    check_count_bounds,
+    check_count_fits,
     check_finite_float,
     check_optional_int,
     check_single_feature_layer,
@@ -60,10 +60,6 @@ class LlavaPruMergeConfig(FieldCheckedConfig, LlavaConfig):
     prumerge_min_tokens: int | None = None
     prumerge_max_tokens: int | None = None
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self.validate_token_reduction()
-
     @property
     def num_patches(self) -> int:
         """Patch tokens per image of the configured vision tower (CLS excluded)."""
@@ -73,18 +69,13 @@ class LlavaPruMergeConfig(FieldCheckedConfig, LlavaConfig):
         """Check every PruMerge field and their combinations (against `num_patches`, the patches an image actually
         yields, when given). Raises `ValueError` naming the field, value and allowed range."""
         self.check_fields()
-        low, high = self.prumerge_min_tokens, self.prumerge_max_tokens
-        available = self.num_patches if num_patches is None else num_patches
-        check_count_bounds("prumerge_min_tokens", low, "prumerge_max_tokens", high, available)
         # An image yields at most all its patches (no extra token then), or `max` merged tokens plus the extra one;
         # PruMerge+'s sampled patches are not bounded, so its worst case is all the patches.
-        most = available if high is None or self.prumerge_plus else min(available, high + 1)
-        if most > self.image_seq_length:
-            raise ValueError(
-                f"`prumerge_max_tokens` must leave room for the image placeholders: an image may yield {most} tokens "
-                f"but image_seq_length={self.image_seq_length}; set `prumerge_max_tokens` <= "
-                f"{self.image_seq_length - 1} (and `prumerge_plus=False`), got {high}"
-            )
+        check_count_fits(
+            "prumerge", self.prumerge_min_tokens, self.prumerge_max_tokens,
+            self.num_patches if num_patches is None else num_patches, extra=1,
+            image_seq_length=self.image_seq_length, unbounded=self.prumerge_plus, also=" (and `prumerge_plus=False`)",
+        )
 
 
 __all__ = ["LlavaPruMergeConfig"]

@@ -6,7 +6,7 @@ from transformers.configuration_utils import SubConfigSpec
 from .config_checks import (
     FieldCheckedConfig,
     check_bool,
-    check_count_bounds,
+    check_count_fits,
     check_finite_float,
     check_int,
     check_optional_int,
@@ -93,8 +93,7 @@ class LlavaTrimConfig(FieldCheckedConfig, LlavaConfig):
         if self.clip_text_config is None:
             # The default text tower follows this config's joint size instead of CLIP-L's 768.
             self.clip_text_config = {**_CLIP_L14_TEXT_DEFAULTS, "projection_dim": self.projection_dim}
-        super().__post_init__(**kwargs)
-        self.validate_token_reduction()
+        super().__post_init__(**kwargs)  # then `validate_token_reduction` (FieldCheckedConfig)
 
     @property
     def num_patches(self) -> int:
@@ -111,17 +110,12 @@ class LlavaTrimConfig(FieldCheckedConfig, LlavaConfig):
                 f"`clip_text_config.projection_dim` must equal `projection_dim`={self.projection_dim} (CLIP's joint "
                 f"embedding size, also the output of `visual_projection`), got {text_projection}"
             )
-        low, high = self.trim_min_tokens, self.trim_max_tokens
-        available = self.num_patches if num_patches is None else num_patches
-        check_count_bounds("trim_min_tokens", low, "trim_max_tokens", high, available)
         # Worst case an image yields all its patches (the mean token is dropped then), or `max` plus the mean.
-        most = available if high is None else min(available, high + int(self.trim_append_mean_token))
-        if most > self.image_seq_length:
-            raise ValueError(
-                f"`trim_max_tokens` must leave room for the image placeholders: an image may yield {most} tokens but "
-                f"image_seq_length={self.image_seq_length}; set `trim_max_tokens` <= "
-                f"{self.image_seq_length - int(self.trim_append_mean_token)}, got {high}"
-            )
+        check_count_fits(
+            "trim", self.trim_min_tokens, self.trim_max_tokens,
+            self.num_patches if num_patches is None else num_patches, extra=int(self.trim_append_mean_token),
+            image_seq_length=self.image_seq_length,
+        )
 
 
 __all__ = ["LlavaTrimConfig"]

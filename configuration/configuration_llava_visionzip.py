@@ -1,8 +1,17 @@
-"""Configuration of LLaVA with VisionZip visual-token reduction."""
+"""Configuration of LLaVA with VisionZip visual-token reduction, and the VisionZip fields every family's VisionZip
+config declares (`VisionZipFields`)."""
+
+from dataclasses import dataclass
 
 from transformers import LlavaConfig
 
-from .config_checks import FieldCheckedConfig, check_int, check_layer_index, check_single_feature_layer, vision_token_count
+from .config_checks import (
+    FieldCheckedConfig,
+    check_int,
+    check_layer_index,
+    check_single_feature_layer,
+    vision_token_count,
+)
 
 
 # Fields checked one at a time whenever they are set, including the load-time overrides that
@@ -15,7 +24,22 @@ _SINGLE_FIELD_CHECKS = {
 }
 
 
-class LlavaVisionZipConfig(FieldCheckedConfig, LlavaConfig):
+@dataclass(repr=False, eq=False, kw_only=True)
+class VisionZipFields:
+    """The VisionZip budget and its single-field checks, declared once for the VisionZip config of every family.
+
+    transformers makes each config class a dataclass, and a dataclass takes the fields of its dataclass bases in
+    reverse MRO order: listed before `FieldCheckedConfig` and the family's config, these fields come right after
+    the family's own, as when each config declared them itself (the saved config.json is the same)."""
+
+    single_field_checks = _SINGLE_FIELD_CHECKS
+
+    dominant_tokens: int = 54
+    contextual_tokens: int = 10
+    visionzip_layer: int = -2
+
+
+class LlavaVisionZipConfig(VisionZipFields, FieldCheckedConfig, LlavaConfig):
     r"""
     A [`LlavaConfig`] with the VisionZip budget. Each image is reduced to
     `dominant_tokens + contextual_tokens` tokens before the projector.
@@ -40,16 +64,7 @@ class LlavaVisionZipConfig(FieldCheckedConfig, LlavaConfig):
     ```
     """
 
-    single_field_checks = _SINGLE_FIELD_CHECKS
     model_type = "llava_visionzip"
-
-    dominant_tokens: int = 54
-    contextual_tokens: int = 10
-    visionzip_layer: int = -2
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self.validate_token_reduction()
 
     @property
     def tokens_per_image(self) -> int:
@@ -79,4 +94,4 @@ class LlavaVisionZipConfig(FieldCheckedConfig, LlavaConfig):
             )
 
 
-__all__ = ["LlavaVisionZipConfig"]
+__all__ = ["LlavaVisionZipConfig", "VisionZipFields"]

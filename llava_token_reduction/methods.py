@@ -8,8 +8,8 @@ model-card template fills, what `show` draws, which converter builds its checkpo
 times. `docs/adding_a_method.md` is the checklist for adding one, and lists the tool branches still to be
 converted to this registry.
 
-Methods know nothing about model families (LLaVA-1.5 today): the class names here are those of the LLaVA-1.5
-family.
+Methods know nothing about model families: the class names here are those of the LLaVA-1.5 family, and
+`other_families` names a method's reduced model types in the others (VisionZip's LLaVA-NeXT classes).
 """
 
 from __future__ import annotations
@@ -95,6 +95,17 @@ class ReductionMethod:
     # MethodConversion`: config fields and notes only it knows (TRIM: CLIP's text config, the original format's
     # `mm_vision_token_reduce_func`); None when the method needs none.
     conversion_hook: str | None = None
+    # The method's reduced model types in families besides LLaVA-1.5, as (stock model type, reduced model type):
+    # a stock checkpoint of that type loads into that class at load time (the evaluation plugin's `method=`).
+    other_families: tuple[tuple[str, str], ...] = ()
+    # The keyword of the method's processor that takes each image's question (TRIM: `clip_text`), for the tools
+    # that build its inputs from a chat (the evaluation plugin); None when the method scores no text.
+    question_argument: str | None = None
+
+    @property
+    def reduced_model_types(self) -> dict[str, str]:
+        """Stock model type -> this method's reduced model type, for every family it has classes for."""
+        return {"llava": self.model_type, **dict(self.other_families)}
 
     @property
     def config_class(self):
@@ -183,6 +194,7 @@ VISIONZIP = ReductionMethod(
         BenchVariant("visionzip-128", (("dominant_tokens", 108), ("contextual_tokens", 20))),
         BenchVariant("visionzip-64", (("dominant_tokens", 54), ("contextual_tokens", 10))),
     ),
+    other_families=(("llava_next", "llava_next_visionzip"),),
 )
 
 TRIM = ReductionMethod(
@@ -217,6 +229,7 @@ TRIM = ReductionMethod(
     captures_vision_attention=False,
     bench_variants=(BenchVariant("trim"),),
     conversion_hook="llava_token_reduction.conversion.method_conversion:trim_conversion",
+    question_argument="clip_text",
 )
 
 def _prumerge_result(config, output) -> str:
@@ -276,7 +289,23 @@ def for_model_type(model_type: str) -> ReductionMethod | None:
     return next((method for method in METHODS.values() if method.model_type == model_type), None)
 
 
-__all__ = ["BenchVariant", "COMMON_CARD_FIELDS", "METHODS", "Option", "ReductionMethod", "for_model_type", "get"]
+def for_reduced_model_type(model_type: str) -> ReductionMethod | None:
+    """The method whose reduced model type, in any family (`llava_next_visionzip` too), is `model_type`."""
+    return next((method for method in METHODS.values() if model_type in method.reduced_model_types.values()), None)
+
+
+def reduced_model_types() -> list[str]:
+    """Every reduced model type of every method and family, in the registry's order."""
+    return [model_type for method in METHODS.values() for model_type in method.reduced_model_types.values()]
+
+
+def stock_model_types() -> tuple[str, ...]:
+    """The stock model types some method has a reduced class for (`llava`, `llava_next`)."""
+    return tuple(dict.fromkeys(stock for method in METHODS.values() for stock in method.reduced_model_types))
+
+
+__all__ = ["BenchVariant", "COMMON_CARD_FIELDS", "METHODS", "Option", "ReductionMethod", "for_model_type",
+           "for_reduced_model_type", "get", "reduced_model_types", "stock_model_types"]
 
 
 def labels_in_words(names=None) -> str:

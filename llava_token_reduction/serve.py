@@ -25,7 +25,7 @@ def served_model_classes() -> dict[str, type]:
 
     import llava_token_reduction  # noqa: F401 - registers our classes with the Auto classes
 
-    from .evaluation.methods import reduced_model_types
+    from .methods import reduced_model_types
 
     classes = {}
     for model_type in reduced_model_types():

@@ -4,6 +4,7 @@ from .modeling_llava_trim import LlavaTrimForConditionalGeneration, LlavaTrimMod
 from .modeling_llava_visionzip import LlavaVisionZipForConditionalGeneration, LlavaVisionZipModel
 from .processing_llava_trim import LlavaTrimProcessor
 
+
 __all__ = [
     "LlavaVisionZipModel",
     "LlavaVisionZipForConditionalGeneration",

@@ -54,7 +54,9 @@ def write_checkpoint_code(save_directory: str | os.PathLike, module_names: list[
         basename = module_name.rsplit(".", 1)[-1]
         if basename in written:
             if written[basename] != module_name:
-                raise ValueError(f"modules {written[basename]} and {module_name} would both be shipped as {basename}.py")
+                raise ValueError(
+                    f"modules {written[basename]} and {module_name} would both be shipped as {basename}.py"
+                )
             continue
         written[basename] = module_name
         with open(_module_file(module_name), encoding="utf-8") as handle:

@@ -113,11 +113,13 @@ class ReducedLlavaNextModel(ReducedLlavaModelMixin, LlavaNextModel):
                 )
             counts = [layout.crops for layout in layouts]
             if any(len(crops) < count for crops, count in zip(pixel_values, counts)):
-                raise ValueError(f"`pixel_values` images hold {[len(c) for c in pixel_values]} crops, they need {counts}")
+                held = [len(c) for c in pixel_values]
+                raise ValueError(f"`pixel_values` images hold {held} crops, they need {counts}")
             pixel_values = torch.cat([crops[:count] for crops, count in zip(pixel_values, counts)], dim=0)
         crops = real_crops(pixel_values, layouts)
         crops = as_pixel_batch(crops, self.config.vision_config)
-        image_of_crop = torch.repeat_interleave(torch.arange(len(layouts)), torch.tensor([l.crops for l in layouts]))
+        crops_per_image = torch.tensor([layout.crops for layout in layouts])
+        image_of_crop = torch.repeat_interleave(torch.arange(len(layouts)), crops_per_image)
         return crops, image_of_crop
 
     def image_placeholder_counts(self, pixel_values, image_sizes=None, **side_inputs) -> list[int]:

@@ -90,7 +90,9 @@ class ReducedGenerationMixin(ReducedInputsMixin):
         cached_plan = getattr(cache, PLAN_ATTRIBUTE, None)
         if input_ids is None or kwargs.get("inputs_embeds") is not None:
             if pixel_values is not None:
-                raise ValueError("`pixel_values` need `input_ids` with image placeholders; `inputs_embeds` cannot be compacted")
+                raise ValueError(
+                    "`pixel_values` need `input_ids` with image placeholders; `inputs_embeds` cannot be compacted"
+                )
             return super().generate(input_ids, generation_config, **kwargs)
         if kwargs.get("mm_encoder_outputs") is not None and pixel_values is None and cached_plan is None:
             # Features encoded by the caller (or by the main model of assisted generation): the prompt already
@@ -132,7 +134,8 @@ class ReducedGenerationMixin(ReducedInputsMixin):
             kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
 
         output = super().generate(
-            input_ids=compact_ids, attention_mask=compact["attention_mask"], generation_config=generation_config, **kwargs
+            input_ids=compact_ids, attention_mask=compact["attention_mask"], generation_config=generation_config,
+            **kwargs,
         )
         sequences = output.sequences if isinstance(output, ModelOutput) else output
         rows_per_prompt = sequences.shape[0] // input_ids.shape[0]
@@ -175,7 +178,8 @@ class ReducedGenerationMixin(ReducedInputsMixin):
         if common > 0:
             differs = (compact_ids[:, :common] != cached_ids[:, :common]).any(dim=0).nonzero()
             common = int(differs[0, 0]) if len(differs) else common
-        if common < cached_plan.images_end or compact_ids.shape[1] <= common or (common < length and not hasattr(cache, "crop")):
+        if (common < cached_plan.images_end or compact_ids.shape[1] <= common
+                or (common < length and not hasattr(cache, "crop"))):
             raise ValueError(
                 "`input_ids` must start with the whole history the cache was built from (the previous `generate` "
                 "output, unchanged at least up to its last image) followed by the new turn"

@@ -165,7 +165,8 @@ class ReducedInputsMixin:
                 return tensor if len(new_rows) == given_images else tensor[new_rows.to(tensor.device)]
 
             if isinstance(pixel_values, (list, tuple)):
-                pixel_values = [pixel_values[i] for i in new_rows.tolist()] if len(new_rows) != given_images else pixel_values
+                if len(new_rows) != given_images:
+                    pixel_values = [pixel_values[i] for i in new_rows.tolist()]
             else:
                 pixel_values = select(pixel_values)
             selected = {name: select(value) for name, value in side_inputs.items()}
@@ -209,9 +210,13 @@ class ReducedInputsMixin:
         Returns the keyword arguments for stock `forward`: `input_ids`, `attention_mask`, `position_ids`,
         `mm_encoder_outputs` (and `labels`)."""
         if input_ids is None:
-            raise ValueError("`pixel_values` need `input_ids` with image placeholders; `inputs_embeds` cannot be compacted")
+            raise ValueError(
+                "`pixel_values` need `input_ids` with image placeholders; `inputs_embeds` cannot be compacted"
+            )
         if cached_length(cache):
-            raise NotImplementedError("`forward` with `pixel_values` and a filled cache is not supported; use `generate`")
+            raise NotImplementedError(
+                "`forward` with `pixel_values` and a filled cache is not supported; use `generate`"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is not None and not self._are_default_positions(position_ids, attention_mask):

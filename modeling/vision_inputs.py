@@ -21,7 +21,9 @@ def as_pixel_batch(pixel_values, vision_config, interpolate_pos_encoding: bool =
     """
     if isinstance(pixel_values, (list, tuple)):
         if not pixel_values or not all(torch.is_tensor(image) and image.ndim == 3 for image in pixel_values):
-            raise ValueError("`pixel_values` given as a list must be a non-empty list of [channels, height, width] tensors")
+            raise ValueError(
+                "`pixel_values` given as a list must be a non-empty list of [channels, height, width] tensors"
+            )
         if len({tuple(image.shape) for image in pixel_values}) != 1:
             raise ValueError(
                 f"`pixel_values` images must all have one size, got shapes {[tuple(i.shape) for i in pixel_values]}"
@@ -36,12 +38,14 @@ def as_pixel_batch(pixel_values, vision_config, interpolate_pos_encoding: bool =
         )
     if pixel_values.ndim != 4:
         raise ValueError(
-            f"`pixel_values` must have shape [images, channels, height, width] (4 dims), got shape {tuple(pixel_values.shape)}"
+            "`pixel_values` must have shape [images, channels, height, width] (4 dims), got shape "
+            f"{tuple(pixel_values.shape)}"
         )
     channels, height, width = pixel_values.shape[1:]
     if channels != vision_config.num_channels:
         raise ValueError(
-            f"`pixel_values` must have {vision_config.num_channels} channels (dim 1), got shape {tuple(pixel_values.shape)}"
+            f"`pixel_values` must have {vision_config.num_channels} channels (dim 1), got shape "
+            f"{tuple(pixel_values.shape)}"
         )
     patch = vision_config.patch_size
     if height < patch or width < patch:

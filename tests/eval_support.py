@@ -10,17 +10,24 @@ import os
 
 import numpy as np
 import torch
-from conftest import _spread_vision_weights
 from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from conftest import _spread_vision_weights
 from llava_token_reduction import (
     LlavaTrimConfig,
     LlavaTrimForConditionalGeneration,
     LlavaVisionZipConfig,
     LlavaVisionZipForConditionalGeneration,
 )
-from llava_token_reduction.tiny import build_processor, build_trim_processor, llava_config_kwargs, trim_config_kwargs
+from llava_token_reduction.tiny import (
+    build_method_model,
+    build_method_processor,
+    build_processor,
+    build_trim_processor,
+    llava_config_kwargs,
+    trim_config_kwargs,
+)
 
 
 DOCS = 6
@@ -145,6 +152,13 @@ def save_trim_checkpoint(directory, seed: int = 0) -> str:
     return _saved(LlavaTrimForConditionalGeneration(config), build_trim_processor(), directory, seed)
 
 
+def save_method_checkpoint(directory, name: str, seed: int = 0, **fields) -> str:
+    """A tiny checkpoint of the registry's method `name`, with its processor, built as the tools build one."""
+    processor = build_method_processor(name)
+    return _saved(build_method_model(name, processor=processor, seed=seed, **fields), processor, directory, seed)
+
+
 def save_stock_checkpoint(directory, seed: int = 0) -> str:
     torch.manual_seed(seed)
-    return _saved(LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs())), build_processor(), directory, seed)
+    model = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs()))
+    return _saved(model, build_processor(), directory, seed)

@@ -1,5 +1,6 @@
 """lmms-eval's own command line (`python -m lmms_eval --model llava_token_reduction ...`) on offline tasks,
-against tiny saved VisionZip, TRIM and stock checkpoints.
+against tiny saved VisionZip, TRIM and stock checkpoints (the stock one also reduced at load time, as VisionZip
+and as PruMerge+).
 
 lmms-eval lives in a separate environment (it drags in what breaks the main one, EVALUATION.md §3): `.ci/run`
 builds it and exports its interpreter as `LLAVA_TOKEN_REDUCTION_EVAL_PYTHON`. Under CI a missing or broken
@@ -65,6 +66,8 @@ RUNS = {
     "stock_as_visionzip": ("llava_token_reduction", "method=visionzip,dominant_tokens=6,contextual_tokens=2",
                            "stock", [GEN], 3, []),
     "stock_under_visionzip_name": ("llava_visionzip", "", "stock", [GEN], 1, []),
+    "stock_as_prumerge_plus": ("llava_prumerge", "method=prumerge,prumerge_plus=True,prumerge_max_tokens=4",
+                               "stock", [GEN, TWO], 4, []),
 }
 
 
@@ -82,7 +85,8 @@ def runs(eval_python, offline):
                    ",".join(tasks), "--include_path", offline["tasks"], "--batch_size", str(batch),
                    "--output_path", str(out), "--log_samples", *extra]
         log = open(root / f"log_{name}.txt", "w")
-        processes[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root), log, out, stats)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+        processes[name] = (process, log, out, stats)
     deadline = time.monotonic() + RUN_TIMEOUT
     results = {}
     try:
@@ -205,7 +209,8 @@ def test_loglikelihood_equals_the_labels_loss(runs, offline):
     assert "acc,none" in json.load(open(run["results"]))["results"][CHOICE]
     # The same --force_simple run also generated, through the simple interface.
     for index, record in samples(run, GEN).items():
-        assert record["filtered_resps"] == direct_answer(offline["trim"], support.doc_images(offline, index), question(index))
+        expected = direct_answer(offline["trim"], support.doc_images(offline, index), question(index))
+        assert record["filtered_resps"] == expected
 
 
 def test_stock_checkpoint_reduced_at_load_time_with_overrides(runs, offline):
@@ -216,11 +221,41 @@ def test_stock_checkpoint_reduced_at_load_time_with_overrides(runs, offline):
     assert row.image_tokens_per_image == 8 and row.placeholders_per_image == 64  # 6 + 2 of 64, from model_args
     from llava_token_reduction import LlavaVisionZipForConditionalGeneration
 
-    reduced = LlavaVisionZipForConditionalGeneration.from_pretrained(offline["stock"], dominant_tokens=6, contextual_tokens=2).eval()
+    reduced = LlavaVisionZipForConditionalGeneration.from_pretrained(offline["stock"], dominant_tokens=6,
+                                                                     contextual_tokens=2).eval()
     _, processor = load(offline["stock"])
     _loaded[offline["stock"] + "#vz"] = (reduced, processor)
     for index, record in samples(run, GEN).items():
-        assert record["filtered_resps"] == direct_answer(offline["stock"] + "#vz", support.doc_images(offline, index), question(index))
+        expected = direct_answer(offline["stock"] + "#vz", support.doc_images(offline, index), question(index))
+        assert record["filtered_resps"] == expected
+
+
+def test_prumerge_plus_through_the_plugin(runs, offline):
+    """`--model llava_prumerge` with `method=prumerge` and PruMerge's registry fields in `--model_args`: the
+    answers are `generate()`'s of the PruMerge+ class on the stock weights, and the summary's kept counts are
+    the tokens its `get_image_features` returns for each image."""
+    from llava_token_reduction import LlavaPruMergeForConditionalGeneration
+
+    run = completed(runs, "stock_as_prumerge_plus")
+    fields = {"prumerge_plus": True, "prumerge_max_tokens": 4}
+    reduced = LlavaPruMergeForConditionalGeneration.from_pretrained(offline["stock"], **fields).eval()
+    _, processor = load(offline["stock"])
+    _loaded[offline["stock"] + "#pm+"] = (reduced, processor)
+    model, rows = summarize(str(run["out"]), [str(run["stats"])])
+    assert (model["model_type"], model["method"], model["setting"]) == ("llava_prumerge", "prumerge", "PruMerge+")
+    assert model["overrides"] == fields
+    by_task = {row.task: row for row in rows}
+    for task, two in ((GEN, False), (TWO, True)):
+        kept = []
+        for index, record in samples(run, task).items():
+            images = support.doc_images(offline, index, two=two)
+            assert record["filtered_resps"] == direct_answer(offline["stock"] + "#pm+", images, question(index))
+            pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                kept += [len(f) for f in reduced.model.get_image_features(pixel_values=pixels).pooler_output]
+        assert by_task[task].image_tokens_per_image == pytest.approx(sum(kept) / len(kept))
+        assert by_task[task].placeholders_per_image == 64 and max(kept) < 64
+    assert "method: prumerge (PruMerge+)" in render_table(model, rows)
 
 
 def test_stock_checkpoint_refused_under_a_reduction_name(runs):
@@ -251,7 +286,8 @@ def test_summary_table_on_the_offline_task(runs, offline):
     trim, processor = load(offline["trim"])
     for record in kept[GEN]:
         index = record["doc_id"]
-        inputs = processor(images=support.doc_images(offline, index), text="<image>", clip_text=question(index), return_tensors="pt")
+        inputs = processor(images=support.doc_images(offline, index), text="<image>", clip_text=question(index),
+                           return_tensors="pt")
         features = trim.model.get_image_features(
             pixel_values=inputs["pixel_values"], clip_input_ids=inputs["clip_input_ids"],
             clip_attention_mask=inputs["clip_attention_mask"],
@@ -277,7 +313,8 @@ def test_paper_table_on_the_offline_task(runs, tmp_path):
     paper = _paper_script()
     benchmark = paper.Benchmark("OFF", GEN, ("exact_match",))
     settings = [paper.Setting("base", "VisionZip 10+4", "llava_visionzip", "", {"OFF": 50.0}),
-                paper.Setting("small", "stock as VisionZip 6+2", "llava_token_reduction", "", {"OFF": 40.0}, note="offline")]
+                paper.Setting("small", "stock as VisionZip 6+2", "llava_token_reduction", "", {"OFF": 40.0},
+                              note="offline")]
     for setting, name in zip(settings, ("visionzip_b4", "stock_as_visionzip")):
         run = completed(runs, name)
         os.makedirs(tmp_path / setting.key)
@@ -299,7 +336,8 @@ def test_paper_commands():
     command = paper.lmms_eval_command(setting, paper.LLAVA15_BENCHMARKS, "/runs", python="py", num_processes=8)
     assert command[:5] == ["py", "-m", "accelerate.commands.launch", "--num_processes=8", "-m"]
     args = command[command.index("--model_args") + 1]
-    assert "method=visionzip,dominant_tokens=108,contextual_tokens=20" in args and "stats_path=/runs/visionzip-128/" in args
+    assert "method=visionzip,dominant_tokens=108,contextual_tokens=20" in args
+    assert "stats_path=/runs/visionzip-128/" in args
     assert command[command.index("--tasks") + 1].split(",")[:3] == ["gqa", "mmbench_en_dev", "mme"]
     [trim] = [s for s in paper.LLAVA15_SETTINGS if s.key == "trim"]
     trim_command = paper.lmms_eval_command(trim, paper.LLAVA15_BENCHMARKS, "/r", trim_checkpoint="/ckpt/trim")

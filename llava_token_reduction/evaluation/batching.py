@@ -120,8 +120,8 @@ class ReducedLlavaRunner:
         """Processor inputs for the rendered `texts` of `prompts`, padded on the left, on the model's device."""
         images = [image for prompt in prompts for image in prompt.images]
         extra = {}
-        if self.method is not None and self.method.scores_question:
-            extra["clip_text"] = [self.questions(prompt) for prompt in prompts]
+        if self.method is not None and self.method.question_argument:
+            extra[self.method.question_argument] = [self.questions(prompt) for prompt in prompts]
         inputs = self.processor(
             images=images or None, text=texts, padding=True, return_tensors="pt", **extra
         )
@@ -140,7 +140,8 @@ class ReducedLlavaRunner:
             max_new_tokens=int(gen_kwargs.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
             num_beams=int(gen_kwargs.pop("num_beams", 1) or 1),
             do_sample=do_sample,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
+            pad_token_id=(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                          else self.tokenizer.eos_token_id),
         )
         if do_sample:
             options["temperature"] = temperature

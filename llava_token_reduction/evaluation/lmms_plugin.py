@@ -1,6 +1,6 @@
 """The lmms-eval (0.7.x) model plugin: `--model llava_token_reduction` (any of our checkpoints, or a stock
-LLaVA checkpoint unreduced / with `method=`), `--model llava_visionzip`, `--model llava_trim` (the same,
-refusing anything but that method).
+LLaVA checkpoint unreduced / with `method=`), and `--model llava_<method>` for every method of the registry
+(`llava_visionzip`, `llava_trim`, `llava_prumerge`: the same, refusing anything but that method).
 
 Imported by lmms-eval only (through the `lmms_eval.models` entry point, `llava_token_reduction.evaluation:
 lmms_eval_manifests`); it imports lmms_eval at module level. The work is done by `batching.ReducedLlavaRunner`.
@@ -8,11 +8,14 @@ lmms_eval_manifests`); it imports lmms_eval at module level. The work is done by
 `--model_args`:
     pretrained=DIR_OR_HUB_ID  (required)        revision=REV          trust_remote_code=True|False
     device=cpu|cuda|cuda:N    dtype=auto|float32|float16|bfloat16     device_map=auto|...
-    attn_implementation=sdpa|eager|...          method=visionzip      (reduce a stock checkpoint at load time)
-    trim_question=user_turn|no_format|empty     (which text TRIM scores; default: the whole user turn)
+    attn_implementation=sdpa|eager|...
+    method=visionzip|prumerge  (reduce a stock checkpoint at load time: any method whose model class takes one)
+    trim_question=user_turn|no_format|empty     (which text a question-scoring method, TRIM, scores; default: the
+                                                 whole user turn)
     max_new_tokens=N           (default when a task sets none)
     stats_path=FILE.jsonl      (append what the LM saw per sample: read by `evaluation.summary`)
-    <config field>=VALUE       (load-time override: dominant_tokens=108,contextual_tokens=20, trim_max_tokens=64, ...)
+    <config field>=VALUE       (load-time override: dominant_tokens=108,contextual_tokens=20, trim_max_tokens=64,
+                                prumerge_plus=True, ...)
 """
 
 import json
@@ -26,9 +29,9 @@ from lmms_eval.api.model import lmms
 from lmms_eval.protocol import ChatMessages
 from tqdm import tqdm
 
+from ..methods import METHODS
 from .batching import DEFAULT_MAX_NEW_TOKENS, ChatPrompt, ReducedLlavaRunner, prompt_from_text
 from .loading import load_for_evaluation, model_type_of
-from .methods import METHODS
 
 
 class _ReducedLlavaBase(lmms):
@@ -117,13 +120,15 @@ class _ReducedLlavaBase(lmms):
     def generate_until(self, requests):
         results = [None] * len(requests)
         progress = tqdm(total=len(requests), disable=self._rank != 0, desc="llava_token_reduction generate")
-        for indices in self._batches(requests, key=lambda r: json.dumps(self._gen_kwargs(r), sort_keys=True, default=str)):
+        def options_key(request) -> str:
+            return json.dumps(self._gen_kwargs(request), sort_keys=True, default=str)
+
+        for indices in self._batches(requests, key=options_key):
             gen_kwargs = {"max_new_tokens": self.default_max_new_tokens, **self._gen_kwargs(requests[indices[0]])}
             prompts = [self._prompt(requests[i]) for i in indices]
             for index, (text, report) in zip(indices, self.runner.generate(prompts, gen_kwargs)):
-                results[index] = GenerationResult(
-                    text=text, token_counts=TokenCounts(input_tokens=report.lm_tokens, output_tokens=report.output_tokens)
-                )
+                counts = TokenCounts(input_tokens=report.lm_tokens, output_tokens=report.output_tokens)
+                results[index] = GenerationResult(text=text, token_counts=counts)
                 self._record(requests[index], report)
             progress.update(len(indices))
         progress.close()
@@ -169,10 +174,13 @@ def model_description(loaded, pretrained: str, overrides: dict) -> dict:
     return {
         "pretrained": str(pretrained), "model_type": model_type_of(loaded.model),
         "method": loaded.method.name if loaded.method is not None else None,
+        # The registry's label with this config's settings: "VisionZip 54+10", "PruMerge+".
+        "setting": loaded.method.describe(config) if loaded.method is not None else None,
         "overrides": {k: v for k, v in overrides.items()},
         "lm": {
             "hidden": text.hidden_size, "intermediate": text.intermediate_size, "layers": text.num_hidden_layers,
-            "heads": text.num_attention_heads, "kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            "heads": text.num_attention_heads,
+            "kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
             "vocab": text.vocab_size,
         },
     }
@@ -233,7 +241,7 @@ def _named(method_name: str, base: type) -> type:
     return type(f"Llava{method_name.title()}{kind}", (base,), {"expected_method": method_name, "__module__": __name__})
 
 
-for _method in METHODS:
+for _method in METHODS.values():
     for _base in (LlavaTokenReductionChat, LlavaTokenReductionSimple):
         _class = _named(_method.name, _base)
         globals()[_class.__name__] = _class

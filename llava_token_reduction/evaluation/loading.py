@@ -3,7 +3,8 @@ at load time (`method=`), with config fields as load-time overrides, and check w
 
 Everything goes through `AutoConfig` / `AutoModelForImageTextToText` / `AutoProcessor`, so any family whose
 classes are registered (the installed package, or remote code with `trust_remote_code=True`) needs no code
-here; which model types belong to which method comes from `methods`.
+here; which model types belong to which method, and which stock families there are, comes from the method
+registry (`llava_token_reduction.methods`).
 """
 
 from dataclasses import dataclass
@@ -14,9 +15,14 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import llava_token_reduction  # noqa: F401 - registers our model types with the Auto classes
+from llava_token_reduction.methods import (
+    METHODS,
+    ReductionMethod,
+    for_reduced_model_type,
+    stock_model_types,
+)
+from llava_token_reduction.methods import get as get_method
 from llava_token_reduction.modeling.checkpoint_source import accepted_type_mismatch
-
-from .methods import METHODS, STOCK_MODEL_TYPES, ReductionMethod, get_method, method_of_model_type, stock_to_reduced
 
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -67,20 +73,24 @@ def load_for_evaluation(
     """
     overrides = dict(overrides or {})
     config = checkpoint_config(pretrained, revision, trust_remote_code)
-    loaded = method_of_model_type(config.model_type)
+    loaded = for_reduced_model_type(config.model_type)
     wanted = get_method(method) if method is not None else None
-    if loaded is None and config.model_type not in STOCK_MODEL_TYPES:
+    if loaded is None and config.model_type not in stock_model_types():
         raise ValueError(
             f"{pretrained} is a {config.model_type!r} checkpoint; this evaluates stock "
-            f"{', '.join(STOCK_MODEL_TYPES)} checkpoints and reduced ones of {', '.join(m.name for m in METHODS)}"
+            f"{', '.join(stock_model_types())} checkpoints and reduced ones of {', '.join(METHODS)}"
         )
     if wanted is not None and loaded is not None and loaded.name != wanted.name:
-        raise ValueError(f"{pretrained} is a {loaded.name} checkpoint ({config.model_type!r}); it cannot be evaluated with method={wanted.name}")
+        raise ValueError(f"{pretrained} is a {loaded.name} checkpoint ({config.model_type!r}); it cannot be evaluated "
+                         f"with method={wanted.name}")
     final = loaded or wanted
     if expected_method is not None and (final is None or final.name != expected_method):
         what = f"a stock {config.model_type!r} checkpoint" if loaded is None else f"a {loaded.name} checkpoint"
-        hint = (f"pass method={expected_method} to reduce it at load time, or use --model llava_token_reduction "
-                "for the unreduced baseline") if loaded is None else f"use --model llava_{loaded.name} or llava_token_reduction"
+        if loaded is None:
+            hint = (f"pass method={expected_method} to reduce it at load time, or use --model llava_token_reduction "
+                    "for the unreduced baseline")
+        else:
+            hint = f"use --model llava_{loaded.name} or llava_token_reduction"
         raise ValueError(f"--model llava_{expected_method} was asked for, but {pretrained} is {what}: {hint}")
 
     load_kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, dtype=DTYPES.get(dtype, dtype))
@@ -91,7 +101,8 @@ def load_for_evaluation(
     if loaded is None and wanted is not None:
         reduced_type = stock_to_reduced(wanted, config.model_type)
         if reduced_type not in CONFIG_MAPPING:
-            raise ValueError(f"the {reduced_type!r} classes are not available in this installation of llava-token-reduction")
+            raise ValueError(f"the {reduced_type!r} classes are not available in this installation of "
+                             "llava-token-reduction")
         config_class = CONFIG_MAPPING[reduced_type]
         # Loading the stock config into ours is the accepted case: drop transformers' type-mismatch warning for it.
         with accepted_type_mismatch(config.model_type, reduced_type):
@@ -103,12 +114,29 @@ def load_for_evaluation(
         overrides = _checked_overrides(config, overrides, pretrained)
         model = AutoModelForImageTextToText.from_pretrained(pretrained, **load_kwargs, **overrides)
     # Checked on the class's model type, whatever the instance's config says.
-    if method_of_model_type(model_type_of(model)) is not final:
+    if for_reduced_model_type(model_type_of(model)) is not final:
         raise ValueError(f"loading {pretrained} gave a {model_type_of(model)!r} model, not the expected one")
     model.eval()
     processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
     _check_processor_feeds_model(processor, model, pretrained, final)
     return LoadedModel(model=model, processor=processor, method=final)
+
+
+def stock_to_reduced(method: ReductionMethod, stock_model_type: str) -> str:
+    """The reduced model type that loads a stock `stock_model_type` checkpoint as `method`.
+
+    Raises `ValueError` saying what is possible instead when it cannot be done at load time: the method's
+    model class says why stock checkpoints do not fit it (TRIM: no CLIP text tower, convert first)."""
+    refusal = method.model_class.stock_checkpoint_refusal
+    if refusal:
+        raise ValueError(f"a stock {stock_model_type!r} checkpoint cannot be loaded as {method.name} at load time: "
+                         f"{refusal}")
+    if stock_model_type not in method.reduced_model_types:
+        raise ValueError(
+            f"{method.name} has no model class for {stock_model_type!r} checkpoints; it supports "
+            f"{', '.join(sorted(method.reduced_model_types))}"
+        )
+    return method.reduced_model_types[stock_model_type]
 
 
 def model_type_of(model) -> str:
@@ -134,7 +162,7 @@ def _check_processor_feeds_model(processor, model, pretrained: str, method: Redu
     probe = processor(images=[Image.new("RGB", (32, 32))], text=[image_token], return_tensors="pt")
     missing = [name for name in needed if name not in probe]
     if missing:
-        hint = f" ({method.how_to_make})" if method is not None and method.how_to_make else ""
+        hint = f" (`llava-token-reduction convert {method.name}` writes it)" if method is not None else ""
         raise ValueError(
             f"the {model_type_of(model)!r} model needs {', '.join(missing)} from its processor, but the processor "
             f"loaded from {pretrained} ({type(processor).__name__}) does not produce them: save the method's processor "

@@ -77,6 +77,12 @@ def summarize(results_path: str, stats_paths: list[str]) -> tuple[dict | None, l
     by_task = defaultdict(dict)
     for record in samples:  # one record per (task, doc); a re-run appending to the same file replaces it
         by_task[record["task"]][record["doc_id"]] = record
+    lm = model["lm"] if model is not None else None  # the LM's widths, for the analytic prefill FLOPs
+
+    def flops(tokens):
+        return lm_prefill_flops(tokens, lm["hidden"], lm["intermediate"], lm["layers"], lm["heads"], lm["kv_heads"],
+                                lm["vocab"])["total"]
+
     rows = []
     for task, (metric, score) in task_scores(results).items():
         row = TaskRow(task=task, metric=metric, score=score)
@@ -87,13 +93,7 @@ def summarize(results_path: str, stats_paths: list[str]) -> tuple[dict | None, l
             if row.images:
                 row.image_tokens_per_image = sum(r["image_tokens"] for r in records) / row.images
                 row.placeholders_per_image = sum(r["image_placeholders"] for r in records) / row.images
-            if model is not None:
-                lm = model["lm"]
-
-                def flops(tokens):
-                    return lm_prefill_flops(tokens, lm["hidden"], lm["intermediate"], lm["layers"], lm["heads"],
-                                            lm["kv_heads"], lm["vocab"])["total"]
-
+            if lm is not None:
                 unreduced = sum(flops(r["lm_tokens_unreduced"]) for r in records)
                 row.prefill_flops_ratio = sum(flops(r["lm_tokens"]) for r in records) / unreduced if unreduced else None
         rows.append(row)
@@ -104,9 +104,16 @@ def _fmt(value, pattern: str) -> str:
     return "–" if value is None else format(value, pattern)
 
 
+def _method(model: dict) -> str:
+    """`visionzip (VisionZip 10+4)`: the method and, when the stats file has it, its setting."""
+    if not model["method"]:
+        return "none, unreduced"
+    return model["method"] + (f" ({model['setting']})" if model.get("setting") else "")
+
+
 def render_table(model: dict | None, rows: list[TaskRow]) -> str:
     title = "model: unknown (no stats file)" if model is None else (
-        f"model: {model['pretrained']} ({model['model_type']}, method: {model['method'] or 'none, unreduced'}"
+        f"model: {model['pretrained']} ({model['model_type']}, method: {_method(model)}"
         + (f", overrides: {model['overrides']}" if model.get("overrides") else "") + ")"
     )
     lines = [title, "", "| task | metric | score | samples | image tokens / image | of (unreduced) | prefill FLOPs |",
@@ -121,7 +128,8 @@ def render_table(model: dict | None, rows: list[TaskRow]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llava_token_reduction.evaluation.summary", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llava_token_reduction.evaluation.summary",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", required=True, help="lmms-eval's --output_path (or one *_results.json)")
     parser.add_argument("--stats", action="append", default=[], help="the plugin's stats_path file (repeatable)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
