@@ -8,8 +8,11 @@ model-card template fills, what `show` draws, which converter builds its checkpo
 times. `docs/adding_a_method.md` is the checklist for adding one, and lists the tool branches still to be
 converted to this registry.
 
-Methods know nothing about model families (LLaVA-1.5 today): the class names here are those of the LLaVA-1.5
-family.
+Methods know nothing about model families, and families (`families.py`) nothing about methods; an entry is where
+they meet: its class names (`model_type`, `config_class_name`, ...) are those of the LLaVA-1.5 family, which every
+method supports, and `other_families` lists its classes in the other families (VisionZip on LLaVA-NeXT). A tool
+asks `method.classes(family_name)` (refused with a `ValueError` naming the methods the family has) or
+`find_model_type(model_type)` for any family's checkpoint.
 """
 
 from __future__ import annotations
@@ -65,6 +68,47 @@ class BenchVariant:
 
 
 @dataclass(frozen=True)
+class FamilyClasses:
+    """A method's classes in one model family (`families.FAMILIES`), and the model card of its checkpoints there."""
+
+    family: str  # a `families.FAMILIES` name: "llava", "llava_next"
+    model_type: str
+    config_class_name: str  # resolved by `_resolve`
+    model_class_name: str  # the inner model (`AutoModel`)
+    generation_class_name: str  # the outer model (`AutoModelForImageTextToText`)
+    processor_class_name: str  # what `AutoProcessor` resolves to for this config
+    card_template: str  # file name in model_cards/
+    card_fields: tuple[str, ...]  # the template's own placeholders (besides COMMON_CARD_FIELDS)
+    card_fields_reference: str  # "module:name" of (config, CardContext) -> those fields plus title and intro
+
+    @property
+    def config_class(self):
+        return _resolve(self.config_class_name)
+
+    @property
+    def model_class(self):
+        return _resolve(self.model_class_name)
+
+    @property
+    def generation_class(self):
+        return _resolve(self.generation_class_name)
+
+    @property
+    def processor_class(self):
+        return _resolve(self.processor_class_name)
+
+    @property
+    def card_fields_function(self) -> Callable:
+        return _resolve(self.card_fields_reference)
+
+    @property
+    def model_family(self):
+        from .families import get_family
+
+        return get_family(self.family)
+
+
+@dataclass(frozen=True)
 class ReductionMethod:
     """Everything the tools need to know about one reduction method (see the module docstring)."""
 
@@ -95,6 +139,35 @@ class ReductionMethod:
     # MethodConversion`: config fields and notes only it knows (TRIM: CLIP's text config, the original format's
     # `mm_vision_token_reduce_func`); None when the method needs none.
     conversion_hook: str | None = None
+    # The method's classes in the families other than LLaVA-1.5 (whose classes are the fields above).
+    other_families: tuple[FamilyClasses, ...] = ()
+
+    @property
+    def families(self) -> dict[str, FamilyClasses]:
+        """Family name -> the method's classes there, LLaVA-1.5 first."""
+        llava = FamilyClasses(
+            family="llava", model_type=self.model_type, config_class_name=self.config_class_name,
+            model_class_name=self.model_class_name, generation_class_name=self.generation_class_name,
+            processor_class_name=self.processor_class_name, card_template=self.card_template,
+            card_fields=self.card_fields, card_fields_reference=self.card_fields_reference,
+        )
+        return {"llava": llava, **{classes.family: classes for classes in self.other_families}}
+
+    def classes(self, family: str) -> FamilyClasses:
+        """The method's classes in `family` (a `families.FAMILIES` name); a `ValueError` naming the methods that
+        family has when this one has none there."""
+        from .families import get_family
+
+        label = get_family(family).label
+        try:
+            return self.families[family]
+        except KeyError:
+            others = [method.label for method in methods_of_family(family)]
+            offer = f"{label} checkpoints take {' or '.join(others)}" if others else f"no method supports {label}"
+            raise ValueError(
+                f"{self.label} has no {label} classes ({self.label} supports "
+                f"{', '.join(get_family(name).label for name in self.families)}); {offer}"
+            ) from None
 
     @property
     def config_class(self):
@@ -182,6 +255,21 @@ VISIONZIP = ReductionMethod(
         BenchVariant("visionzip-192", (("dominant_tokens", 162), ("contextual_tokens", 30))),
         BenchVariant("visionzip-128", (("dominant_tokens", 108), ("contextual_tokens", 20))),
         BenchVariant("visionzip-64", (("dominant_tokens", 54), ("contextual_tokens", 10))),
+    ),
+    other_families=(
+        # The budget is per 336-px crop (docs/llava_next.md); the stock processor, whose counts the model derives.
+        FamilyClasses(
+            family="llava_next",
+            model_type="llava_next_visionzip",
+            config_class_name="LlavaNextVisionZipConfig",
+            model_class_name="LlavaNextVisionZipModel",
+            generation_class_name="LlavaNextVisionZipForConditionalGeneration",
+            processor_class_name="transformers:LlavaNextProcessor",
+            card_template="llava_next_visionzip.md",
+            card_fields=("visionzip_layer", "dominant_tokens", "contextual_tokens", "tokens_per_crop",
+                         "grid_totals", "budget_note"),
+            card_fields_reference="llava_token_reduction.conversion.method_cards:llava_next_visionzip_card_fields",
+        ),
     ),
 )
 
@@ -272,11 +360,32 @@ def get(name: str) -> ReductionMethod:
 
 
 def for_model_type(model_type: str) -> ReductionMethod | None:
-    """The method whose config has `model_type`, or None (a stock LLaVA, or not ours)."""
+    """The method whose LLaVA-1.5 config has `model_type`, or None (a stock LLaVA, another family's checkpoint,
+    or not ours). `find_model_type` answers for every family."""
     return next((method for method in METHODS.values() if method.model_type == model_type), None)
 
 
-__all__ = ["BenchVariant", "COMMON_CARD_FIELDS", "METHODS", "Option", "ReductionMethod", "for_model_type", "get"]
+def find_model_type(model_type: str) -> tuple[ReductionMethod, FamilyClasses] | None:
+    """`(method, its classes)` whose config has `model_type` in any family, or None (stock, or not ours)."""
+    for method in METHODS.values():
+        for classes in method.families.values():
+            if classes.model_type == model_type:
+                return method, classes
+    return None
+
+
+def all_classes() -> list[FamilyClasses]:
+    """Every method's classes in every family (what `import llava_token_reduction` registers)."""
+    return [classes for method in METHODS.values() for classes in method.families.values()]
+
+
+def methods_of_family(family: str) -> tuple[ReductionMethod, ...]:
+    """The methods that have classes in `family`, in the registry's order."""
+    return tuple(method for method in METHODS.values() if family in method.families)
+
+
+__all__ = ["BenchVariant", "COMMON_CARD_FIELDS", "FamilyClasses", "METHODS", "Option", "ReductionMethod",
+           "all_classes", "find_model_type", "for_model_type", "get", "methods_of_family"]
 
 
 def labels_in_words(names=None) -> str:
