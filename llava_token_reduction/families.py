@@ -19,6 +19,7 @@ class ModelFamily:
 
     name: str  # the stock transformers model type of its checkpoints: "llava", "llava_next"
     label: str  # how people write it: "LLaVA-1.5"
+    stock_label: str  # the stock model in the tools' tables: "stock LLaVA"
     stock_config_class_name: str  # "module:name", resolved by `methods._resolve`
     stock_generation_class_name: str
     stock_processor_class_name: str
@@ -30,6 +31,17 @@ class ModelFamily:
     # Tensor-name prefixes of the family's stock checkpoints beyond LLaVA-1.5's (`conversion.key_mapping`), as
     # (source prefix, target prefix); LLaVA-NeXT's legacy root `image_newline`.
     stock_key_prefixes: tuple[tuple[str, str], ...] = ()
+    # "module:name" of `(image_sizes, config) -> one layout per image` (`.size`, `.grid` (rows, cols), `.crops`,
+    # `.placeholders`), for a family whose images are cut into crops; None when every image is one crop.
+    crop_layouts_reference: str | None = None
+
+    def crop_layouts(self, image_sizes, config) -> list | None:
+        """Each image's crops (`crop_layouts_reference`), or None for a family of one crop per image."""
+        if self.crop_layouts_reference is None:
+            return None
+        from .methods import _resolve
+
+        return _resolve(self.crop_layouts_reference)(image_sizes, config)
 
     @property
     def stock_config_class(self):
@@ -53,6 +65,7 @@ class ModelFamily:
 LLAVA = ModelFamily(
     name="llava",
     label="LLaVA-1.5",
+    stock_label="stock LLaVA",
     stock_config_class_name="transformers:LlavaConfig",
     stock_generation_class_name="transformers:LlavaForConditionalGeneration",
     stock_processor_class_name="transformers:LlavaProcessor",
@@ -64,6 +77,7 @@ LLAVA = ModelFamily(
 LLAVA_NEXT = ModelFamily(
     name="llava_next",
     label="LLaVA-NeXT",
+    stock_label="stock LLaVA-NeXT",
     stock_config_class_name="transformers:LlavaNextConfig",
     stock_generation_class_name="transformers:LlavaNextForConditionalGeneration",
     stock_processor_class_name="transformers:LlavaNextProcessor",
@@ -71,6 +85,7 @@ LLAVA_NEXT = ModelFamily(
     side_inputs=("image_sizes",),
     budget_unit="crop",
     stock_key_prefixes=(("image_newline", "model.image_newline"), ("model.image_newline", "model.image_newline")),
+    crop_layouts_reference="llava_token_reduction.modeling.family_llava_next:image_layouts",
 )
 
 # In the order the tools list them; LLaVA-1.5 first (the family of every method).
@@ -90,4 +105,14 @@ def family_of_stock_type(model_type) -> ModelFamily | None:
     return FAMILIES.get(model_type) if isinstance(model_type, str) else None
 
 
-__all__ = ["FAMILIES", "LLAVA", "LLAVA_NEXT", "ModelFamily", "family_of_stock_type", "get_family"]
+def family_of_model_type(model_type) -> ModelFamily | None:
+    """The family of a stock model type or of one of the registry's reduced ones ("llava_next_visionzip" ->
+    LLaVA-NeXT), or None."""
+    from .methods import find_model_type
+
+    found = find_model_type(model_type)
+    return FAMILIES[found[1].family] if found else family_of_stock_type(model_type)
+
+
+__all__ = ["FAMILIES", "LLAVA", "LLAVA_NEXT", "ModelFamily", "family_of_model_type", "family_of_stock_type",
+           "get_family"]
