@@ -76,21 +76,25 @@ def register(subparsers) -> None:
     for method in registry.METHODS.values():
         for option in method.cli_options():
             option.add_to(parser)
-    parser.add_argument("--device", help="device or device map, e.g. cpu, cuda, cuda:1, auto (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype; auto = bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--device", help="device or device map, e.g. cpu, cuda, cuda:1, auto (default: cuda if "
+                                         "available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="weights dtype; auto = bfloat16 on GPU, float32 on CPU")
     parser.add_argument(
         "--output", metavar="DIR",
         help="keep the checkpoints (weights, code, processor) in DIR/METHOD ("
              + ", ".join(f"DIR/{name}" for name in REDUCTIONS) + ") instead of a temporary directory",
     )
     parser.add_argument("--image", metavar="FILE", help="image to use (default: a bundled sample picture)")
-    parser.add_argument("--question", default=DEFAULT_QUESTION, help=f"question about the image (default: {DEFAULT_QUESTION!r})")
+    parser.add_argument("--question", default=DEFAULT_QUESTION,
+                        help=f"question about the image (default: {DEFAULT_QUESTION!r})")
     parser.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate (default: 20)")
     parser.add_argument(
         "--repeats", type=int, metavar="N",
         help="timed runs per measurement after one warm-up (default: 5, or 3 with --model)",
     )
-    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random weights, without --model (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed of the random weights, without --model (default: 0)")
     parser.add_argument(
         "--trust-remote-code", action="store_true",
         help="let --model's own Python code (auto_map entries) run when it is loaded; off by default: stock LLaVA, "
@@ -125,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     if not image_path.is_file():
         raise CommandError(f"image not found: {image_path}")
     report = run_demo(
-        model=args.model, method=args.method, clip=args.clip, overrides=overrides, device=args.device, dtype=args.dtype, output=args.output,
+        model=args.model, method=args.method, clip=args.clip, overrides=overrides, device=args.device,
+        dtype=args.dtype, output=args.output,
         image=image_path, question=args.question, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
         seed=args.seed, trust_remote_code=args.trust_remote_code,
     )
@@ -183,16 +188,19 @@ def run_demo(
         owners[name].classes(family.name).config_class.single_field_checks[name](value)
     notes = []
     with contextlib.ExitStack() as stack:
-        directory = Path(output or stack.enter_context(tempfile.TemporaryDirectory(prefix="llava-token-reduction-demo-")))
+        temporary = tempfile.TemporaryDirectory(prefix="llava-token-reduction-demo-")
+        directory = Path(output or stack.enter_context(temporary))
         if model is None:
-            with _step(status, "building a small LLaVA with random weights (576 patches per image) and a CLIP text tower"):
+            with _step(status, "building a small LLaVA with random weights (576 patches per image) and a CLIP text "
+                               "tower"):
                 save_random_checkpoints(directory, torch_dtype, seed, overrides, methods)
             loaded = {}
             for name in methods:
                 with _step(status, f"loading it back with AutoModelForImageTextToText from {directory / name}"):
                     loaded[name] = _load_auto(directory / name, device, torch_dtype, trust_remote_code=False)
             checkpoints = "checkpoints" if len(methods) > 1 else "checkpoint"
-            source = f"small LLaVA with random weights, saved as {registry.labels_in_words(methods)} {checkpoints} and reloaded"
+            source = (f"small LLaVA with random weights, saved as {registry.labels_in_words(methods)} {checkpoints} "
+                      "and reloaded")
         else:
             loaded = _load_checkpoint(
                 model, methods, clip, overrides, device, torch_dtype, directory, bool(output), status, notes,
@@ -220,7 +228,8 @@ def run_demo(
         placeholders = int((inputs["input_ids"] == first.config.image_token_id).sum())
         if placeholders == 0:
             raise ValueError(
-                f"the processor put no image placeholders (token id {first.config.image_token_id}) in the prompt {prompt!r}"
+                f"the processor put no image placeholders (token id {first.config.image_token_id}) in the prompt "
+                f"{prompt!r}"
             )
 
         # An image cut into crops (LLaVA-NeXT): its grid, for the per-crop budgets in the report.

@@ -58,7 +58,8 @@ class DemoReport:
         stock, reduced = self.measurements[0], self.measurements[1:]
 
         def row(label, value, text, change):
-            return (label, text(value(stock)), *(f"{text(value(m))} ({change(value(stock), value(m))})" for m in reduced))
+            before = value(stock)
+            return (label, text(before), *(f"{text(value(m))} ({change(before, value(m))})" for m in reduced))
 
         rows = [
             row("image tokens per image", lambda m: m.image_tokens, str, _percent),
@@ -67,7 +68,8 @@ class DemoReport:
             row("vision tower + projector (ms)", lambda m: m.vision_ms, "{:.1f}".format, _speedup),
             row("LM prefill (ms)", lambda m: m.prefill_ms, "{:.1f}".format, _speedup),
             row("whole forward pass (ms)", lambda m: m.forward_ms, "{:.1f}".format, _speedup),
-            row(f"generate up to {self.max_new_tokens} tokens (ms)", lambda m: m.generate_ms, "{:.0f}".format, _speedup),
+            row(f"generate up to {self.max_new_tokens} tokens (ms)", lambda m: m.generate_ms, "{:.0f}".format,
+                _speedup),
             ("  tokens generated", *(str(m.new_tokens) for m in self.measurements)),
         ]
         header = ("", *(m.label for m in self.measurements))

@@ -2,15 +2,18 @@
 of LLaVA checkpoints instead of branching on `"llava"` / `"llava_next"`.
 
 A family is one `ModelFamily` entry in `FAMILIES`, named by the stock transformers model type of its checkpoints.
-It says which stock classes read them, which per-image inputs its processor adds besides the pixels, in what unit
-a method's budget is given, and how `convert` renames a stock checkpoint's tensors. Families know nothing about
-reduction methods and methods nothing about families: a method's registry entry (`methods.ReductionMethod`) lists
-its classes per family, and a method without classes for a family is refused there (`ReductionMethod.classes`).
+It says which stock classes read them, which per-image inputs its processor adds besides the pixels, how an image
+is cut into crops (a fixed budget is then per crop), and how `convert` renames a stock checkpoint's tensors.
+Families know nothing about reduction methods and methods nothing about families: a method's registry entry
+(`methods.ReductionMethod`) lists its classes per family, and a method without classes for a family is refused
+there (`ReductionMethod.classes`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .methods import _resolve, resolved
 
 
 @dataclass(frozen=True)
@@ -27,39 +30,23 @@ class ModelFamily:
     # Per-image inputs the family's processor returns besides the pixels, which travel with them to the model
     # (LLaVA-NeXT's original image sizes, from which its crops and placeholders follow).
     side_inputs: tuple[str, ...]
-    budget_unit: str  # what a fixed budget counts: "image", or "crop" (every 336-px crop of an anyres image)
     # Tensor-name prefixes of the family's stock checkpoints beyond LLaVA-1.5's (`conversion.key_mapping`), as
     # (source prefix, target prefix); LLaVA-NeXT's legacy root `image_newline`.
     stock_key_prefixes: tuple[tuple[str, str], ...] = ()
     # "module:name" of `(image_sizes, config) -> one layout per image` (`.size`, `.grid` (rows, cols), `.crops`,
-    # `.placeholders`), for a family whose images are cut into crops; None when every image is one crop.
+    # `.placeholders`), for a family whose images are cut into crops (a method's fixed budget is then per crop);
+    # None when every image is one crop.
     crop_layouts_reference: str | None = None
 
     def crop_layouts(self, image_sizes, config) -> list | None:
         """Each image's crops (`crop_layouts_reference`), or None for a family of one crop per image."""
         if self.crop_layouts_reference is None:
             return None
-        from .methods import _resolve
-
         return _resolve(self.crop_layouts_reference)(image_sizes, config)
 
-    @property
-    def stock_config_class(self):
-        from .methods import _resolve
-
-        return _resolve(self.stock_config_class_name)
-
-    @property
-    def stock_generation_class(self):
-        from .methods import _resolve
-
-        return _resolve(self.stock_generation_class_name)
-
-    @property
-    def stock_processor_class(self):
-        from .methods import _resolve
-
-        return _resolve(self.stock_processor_class_name)
+    stock_config_class = resolved("stock_config_class_name")
+    stock_generation_class = resolved("stock_generation_class_name")
+    stock_processor_class = resolved("stock_processor_class_name")
 
 
 LLAVA = ModelFamily(
@@ -71,7 +58,6 @@ LLAVA = ModelFamily(
     stock_processor_class_name="transformers:LlavaProcessor",
     stock_architecture="LlavaForConditionalGeneration",
     side_inputs=(),
-    budget_unit="image",
 )
 
 LLAVA_NEXT = ModelFamily(
@@ -83,7 +69,6 @@ LLAVA_NEXT = ModelFamily(
     stock_processor_class_name="transformers:LlavaNextProcessor",
     stock_architecture="LlavaNextForConditionalGeneration",
     side_inputs=("image_sizes",),
-    budget_unit="crop",
     stock_key_prefixes=(("image_newline", "model.image_newline"), ("model.image_newline", "model.image_newline")),
     crop_layouts_reference="llava_token_reduction.modeling.family_llava_next:image_layouts",
 )

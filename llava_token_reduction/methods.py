@@ -29,6 +29,12 @@ def _resolve(reference: str):
     return getattr(importlib.import_module(module or "llava_token_reduction"), name)
 
 
+def resolved(field_name: str) -> property:
+    """A read-only attribute that is the object the entry's `field_name` ("module:name") names (`_resolve`)."""
+    return property(lambda entry: _resolve(getattr(entry, field_name)),
+                    doc=f"The object `{field_name}` names, imported when first asked for.")
+
+
 @dataclass(frozen=True)
 class Option:
     """A config field of a method that can be overridden at load time (`from_pretrained(path, field=value)`)
@@ -81,31 +87,23 @@ class FamilyClasses:
     card_fields: tuple[str, ...]  # the template's own placeholders (besides COMMON_CARD_FIELDS)
     card_fields_reference: str  # "module:name" of (config, CardContext) -> those fields plus title and intro
 
-    @property
-    def config_class(self):
-        return _resolve(self.config_class_name)
-
-    @property
-    def model_class(self):
-        return _resolve(self.model_class_name)
-
-    @property
-    def generation_class(self):
-        return _resolve(self.generation_class_name)
-
-    @property
-    def processor_class(self):
-        return _resolve(self.processor_class_name)
-
-    @property
-    def card_fields_function(self) -> Callable:
-        return _resolve(self.card_fields_reference)
+    config_class = resolved("config_class_name")
+    model_class = resolved("model_class_name")
+    generation_class = resolved("generation_class_name")
+    processor_class = resolved("processor_class_name")
+    card_fields_function = resolved("card_fields_reference")
 
     @property
     def model_family(self):
         from .families import get_family
 
         return get_family(self.family)
+
+
+def _llava_classes_attribute(name: str) -> property:
+    """A read-only attribute of `ReductionMethod` that is the same one of its LLaVA-1.5 `FamilyClasses`."""
+    return property(lambda method: getattr(method.families["llava"], name),
+                    doc=f"The LLaVA-1.5 family's `{name}` (`FamilyClasses.{name}`).")
 
 
 @dataclass(frozen=True)
@@ -169,34 +167,21 @@ class ReductionMethod:
                 f"{', '.join(get_family(name).label for name in self.families)}); {offer}"
             ) from None
 
-    @property
-    def config_class(self):
-        return _resolve(self.config_class_name)
-
-    @property
-    def model_class(self):
-        return _resolve(self.model_class_name)
-
-    @property
-    def generation_class(self):
-        return _resolve(self.generation_class_name)
-
-    @property
-    def processor_class(self):
-        return _resolve(self.processor_class_name)
+    # The LLaVA-1.5 family's classes (`classes(name)` gives another family's).
+    config_class = _llava_classes_attribute("config_class")
+    model_class = _llava_classes_attribute("model_class")
+    generation_class = _llava_classes_attribute("generation_class")
+    processor_class = _llava_classes_attribute("processor_class")
+    card_fields_function = _llava_classes_attribute("card_fields_function")
 
     @property
     def show_selection_function(self) -> Callable:
-        """(model, pixel_values of one image, **side inputs) -> `show.Selection`."""
+        """(model, pixel_values of one image, **the family's and the method's side inputs) -> `show.Selection`."""
         return _resolve(self.show_selection)
 
     @property
     def conversion_hook_function(self) -> Callable | None:
         return _resolve(self.conversion_hook) if self.conversion_hook else None
-
-    @property
-    def card_fields_function(self) -> Callable:
-        return _resolve(self.card_fields_reference)
 
     def cli_options(self) -> tuple[Option, ...]:
         return tuple(option for option in self.options if option.cli)

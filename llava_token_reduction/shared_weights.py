@@ -7,9 +7,7 @@ def twin(model, model_class, **fields):
     weight of the family) with `model`, another of them: a second model on the same weights at no extra memory.
     The config is `model`'s minus its reduction fields, plus `fields`."""
     import torch
-    from transformers import LlavaConfig
-
-    from transformers import LlavaNextConfig
+    from transformers import LlavaConfig, LlavaNextConfig
 
     from .methods import all_classes
 
@@ -19,7 +17,8 @@ def twin(model, model_class, **fields):
     }
     values = {
         name: value for name, value in model.config.to_dict().items()
-        if name not in reduction_fields and name not in ("model_type", "auto_map", "architectures", "transformers_version")
+        if name not in reduction_fields
+        and name not in ("model_type", "auto_map", "architectures", "transformers_version")
     }
     config = model_class.config_class(**values, **fields)
     config._attn_implementation = model.config._attn_implementation
@@ -34,5 +33,6 @@ def twin(model, model_class, **fields):
     result.generation_config = model.generation_config
     leftovers = [name for name, tensor in [*result.named_parameters(), *result.named_buffers()] if tensor.is_meta]
     if leftovers and not any(tensor.is_meta for tensor in model.parameters()):
-        raise RuntimeError(f"{model_class.__name__} twin has modules that are not shared with the model: {leftovers[:3]}")
+        raise RuntimeError(f"{model_class.__name__} twin has modules that are not shared with the model: "
+                           f"{leftovers[:3]}")
     return result.eval()
