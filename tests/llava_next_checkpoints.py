@@ -6,7 +6,8 @@ show), written offline.
   `torch_dtype`, `use_image_newline_parameter`, the 4.39 `transformers_version`, ...); the widths the published
   text config leaves to Llama's defaults are written out, since they are not the defaults here;
 - preprocessor_config.json / processor_config.json as published, the pinpoints and crop size scaled to the shape;
-- the offline byte-level tokenizer's files (with `<image>`);
+- the offline byte-level tokenizer's files (with `<image>`) and a chat_template.json (the tiny LLaVA template: the
+  published one is Vicuna's, with the same `{"chat_template": ...}` file);
 - model.safetensors in the published legacy key layout (`language_model.model.*`, `language_model.lm_head.weight`,
   `vision_tower.vision_model.*`, `multi_modal_projector.*`, `image_newline` at the root), in float16 as published.
 """
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from llava_next_published import PUBLISHED_CONFIG, PUBLISHED_PREPROCESSOR_CONFIG, PUBLISHED_PROCESSOR_CONFIG
-from llava_token_reduction.tiny import IMAGE_TOKEN, TEST_SHAPE, build_llm_tokenizer
+from llava_token_reduction.tiny import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, TEST_SHAPE, build_llm_tokenizer
 from llava_token_reduction.tiny_next import grid_pinpoints, llava_next_config_kwargs
 
 
@@ -77,6 +78,7 @@ def save_published_shaped(directory, shape=TEST_SHAPE, seed: int = 0, dtype=torc
     processor_config = dict(PUBLISHED_PROCESSOR_CONFIG, patch_size=shape.patch_size)
     (directory / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
     tokenizer.save_pretrained(directory)
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_CHAT_TEMPLATE}, indent=2))
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(LlavaNextConfig(**llava_next_config_kwargs(shape, tokenizer))).eval()
     with torch.no_grad():  # a non-zero newline, so that a dropped or zeroed copy shows

@@ -142,3 +142,26 @@ def test_hub_id_source_from_a_private_hub_cache_offline(source, tmp_path):
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     card = (out / "README.md").read_text()
     assert f'base_model:\n- "{HUB_ID}"' in card and f"`{HUB_ID}` with **VisionZip**" in card
+
+
+def test_card_snippets_run_as_written(tmp_path, run_isolated_python):
+    """The NeXT card's usage snippets, with the hub id and the example image swapped for local files, in a clean
+    process without the package (published 336-px crops, tiny widths, the default 54+10 budget)."""
+    from llava_token_reduction.conversion import extract_python_snippets
+    from llava_token_reduction.conversion.model_card import EXAMPLE_IMAGE_URL
+    from llava_token_reduction.tiny import TinyShape
+
+    save_published_shaped(tmp_path / "stock", shape=TinyShape(image_size=336, patch_size=14, vision_layers=2))
+    checkpoint = tmp_path / "vz"
+    convert_visionzip(tmp_path / "stock", checkpoint, repo_id="acme/next-vz", progress=False)
+    Image.fromarray((torch.rand(80, 120, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy()).save(
+        tmp_path / "cats.png")
+    snippets = extract_python_snippets((checkpoint / "README.md").read_text())
+    assert len(snippets) == 3 and all("acme/next-vz" in s and EXAMPLE_IMAGE_URL in s for s in snippets)
+    local = [s.replace("acme/next-vz", str(checkpoint)).replace(EXAMPLE_IMAGE_URL, str(tmp_path / "cats.png"))
+             for s in snippets]
+    (tmp_path / "snippets.json").write_text(json.dumps(local))
+    script = ("import json\nfor i, s in enumerate(json.load(open('snippets.json'))):\n"
+              "    exec(compile(s, f'snippet_{i}', 'exec'), {'__name__': '__main__'})\n    print('RAN', i)\n")
+    result = run_isolated_python(script, tmp_path, timeout=300)
+    assert [line for line in result.stdout.splitlines() if line.startswith("RAN")] == ["RAN 0", "RAN 1", "RAN 2"]
