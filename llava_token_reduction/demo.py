@@ -172,7 +172,7 @@ def run_demo(
     choices = ("both", *registry.METHODS)
     if method not in choices:
         raise ValueError(f"method must be one of {', '.join(choices)}, got {method!r}")
-    family = _family_of(model, trust_remote_code) if model is not None else FAMILIES["llava"]
+    family = _family_of(model) if model is not None else FAMILIES["llava"]
     methods = _methods_for(method, family)
     status = status or _stderr_status
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,7 +259,7 @@ def _chosen(method: str) -> tuple:
     return tuple(registry.METHODS.values()) if method == "both" else (registry.get(method),)
 
 
-def _family_of(source: str, trust_remote_code: bool):
+def _family_of(source: str):
     """The model family of the checkpoint `source` (stock, or one of ours), from its config; a `ValueError`
     naming the model types the demo takes otherwise."""
     from transformers import PretrainedConfig
@@ -352,7 +352,7 @@ def _load_checkpoint(source: str, methods, clip, overrides: dict, device: str, t
     from transformers import PretrainedConfig
 
     model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
-    _family_of(source, trust_remote_code)  # a type the demo knows
+    _family_of(source)  # a type the demo knows
     found = registry.find_model_type(model_type)
     source_method = found[0] if found else None
     wanted = [registry.get(name) for name in methods]
@@ -395,7 +395,7 @@ def _load_checkpoint(source: str, methods, clip, overrides: dict, device: str, t
         if base is not None:
             loaded[method.name] = (twin(base[0], method.generation_class, **own), _processor_for(method, base[1]))
         else:
-            label = _family_of(source, trust_remote_code).label
+            label = _family_of(source).label
             with _step(status, f"loading {source} as {label} with {method.label}"):
                 loaded[method.name] = load_checkpoint(source, method, overrides=own, device=device, dtype=torch_dtype,
                                                       trust_remote_code=trust_remote_code)
