@@ -51,7 +51,7 @@ def build_checkpoint(plan: ConversionPlan) -> BuiltCheckpoint:
     rows = grow_vocabulary(tensors, len(processor.tokenizer), image_token_id, plan.request.pad_vocab_multiple, added)
     kwargs["text_config"] = {**kwargs["text_config"], "vocab_size": rows}
     try:
-        config = plan.method.config_class(**kwargs, **plan.config_fields)
+        config = plan.classes.config_class(**kwargs, **plan.config_fields)
     except ValueError as error:
         raise ConversionError(f"invalid {plan.method.name} settings: {error}") from None
     config.dtype = plan.out_dtype
@@ -65,7 +65,7 @@ def build_checkpoint(plan: ConversionPlan) -> BuiltCheckpoint:
 
 def build_processor(plan: ConversionPlan, added: list, notes: list):
     """The output's processor and its image token id."""
-    from transformers import AddedToken, AutoProcessor, AutoTokenizer, CLIPImageProcessor, LlavaProcessor
+    from transformers import AddedToken, AutoProcessor, AutoTokenizer, CLIPImageProcessor
 
     from ..tiny import LLAVA_CHAT_TEMPLATE
 
@@ -74,8 +74,10 @@ def build_processor(plan: ConversionPlan, added: list, notes: list):
             stock = AutoProcessor.from_pretrained(plan.src_dir, trust_remote_code=False)
         except Exception as error:  # noqa: BLE001
             raise ConversionError(f"SRC {plan.src_dir} has no usable processor/tokenizer files: {error}") from None
-        if not isinstance(stock, LlavaProcessor):
-            raise ConversionError(f"SRC's processor is a {type(stock).__name__}, expected a LlavaProcessor")
+        expected = plan.family.stock_processor_class
+        if not isinstance(stock, expected):
+            raise ConversionError(f"SRC's processor is a {type(stock).__name__}, expected a {expected.__name__} "
+                                  f"(SRC is a {plan.family.label} checkpoint)")
         tokenizer, image_processor = stock.tokenizer, stock.image_processor
         settings = dict(patch_size=stock.patch_size,
                         vision_feature_select_strategy=stock.vision_feature_select_strategy,
@@ -103,7 +105,7 @@ def build_processor(plan: ConversionPlan, added: list, notes: list):
         tokenizer.pad_token = tokenizer.unk_token
         notes.append("tokenizer had no pad token; it pads with its unk token, as the LLaVA codebase does")
     image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-    processor_class = plan.method.processor_class
+    processor_class = plan.classes.processor_class
     if plan.method.needs_clip_text_tower:  # its processor also tokenizes the question for CLIP's text tower
         try:
             clip_tokenizer = AutoTokenizer.from_pretrained(plan.clip_dir, trust_remote_code=False)
@@ -157,9 +159,7 @@ _NOT_COPIED = ("model_type", "architectures", "auto_map", "transformers_version"
 
 
 def _base_kwargs_stock(plan: ConversionPlan) -> dict:
-    from transformers import LlavaConfig
-
-    base = LlavaConfig.from_pretrained(plan.src_dir).to_dict()
+    base = plan.family.stock_config_class.from_pretrained(plan.src_dir).to_dict()
     for key in _NOT_COPIED:
         base.pop(key, None)
     return base
@@ -179,7 +179,8 @@ def _base_kwargs_original(plan: ConversionPlan, image_token_id: int, pad_token_i
         raise ConversionError(f"SRC projector type {projector_type!r} is not supported (LLaVA-1.5's mlp2x_gelu only)")
     anyres = str(config.get("image_aspect_ratio", "pad")).startswith("anyres")
     if anyres or config.get("mm_patch_merge_type", "flat") != "flat":
-        raise ConversionError("SRC is a LLaVA-NeXT (anyres) checkpoint; only LLaVA-1.5 is supported")
+        raise ConversionError("SRC is a LLaVA-codebase LLaVA-NeXT (anyres) checkpoint; only LLaVA-1.5 is supported "
+                              "in that format: convert the llava-hf version of the model (llava-hf/llava-v1.6-*)")
     vision_config = plan.clip_vision_config
     if config.get("mm_hidden_size", vision_config.hidden_size) != vision_config.hidden_size:
         raise ConversionError(
@@ -253,7 +254,7 @@ def build_model(plan: ConversionPlan, built: BuiltCheckpoint):
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        model = plan.method.generation_class(built.config)
+        model = plan.classes.generation_class(built.config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_tensors(plan, built, expected)
     state = {}

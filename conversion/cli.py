@@ -42,9 +42,10 @@ def parse_size(text) -> int:
     return value
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="stock transformers LLaVA or original LLaVA-codebase checkpoint: "
-                                                    "a local directory or a hub id")
+def _add_common(parser: argparse.ArgumentParser, method) -> None:
+    stock = " or ".join(classes.model_family.label for classes in method.families.values())
+    parser.add_argument("src", metavar="SRC", help=f"stock transformers {stock} checkpoint, or an original "
+                                                    "LLaVA-codebase (LLaVA-1.5) one: a local directory or a hub id")
     parser.add_argument("out", metavar="OUT", help="output directory (must not exist, unless --overwrite)")
     parser.add_argument("--projector", metavar="FILE",
                         help="replace the projector: mm_projector.bin or .safetensors "
@@ -74,14 +75,14 @@ def register(subparsers) -> None:
     labels = " or ".join(method.label for method in METHODS.values())
     convert = subparsers.add_parser(
         "convert", help=f"convert a LLaVA checkpoint into a {labels} checkpoint",
-        description="Convert a stock transformers or original LLaVA-codebase checkpoint into a self-contained "
-                    f"{labels} checkpoint (safetensors, remote code, processor, model card).",
+        description="Convert a stock transformers (LLaVA-1.5 or LLaVA-NeXT) or original LLaVA-codebase checkpoint "
+                    f"into a self-contained {labels} checkpoint (safetensors, remote code, processor, model card).",
     )
     methods = convert.add_subparsers(title="methods", dest="method", metavar="METHOD")
     methods.required = True
     for method in METHODS.values():
         sub = methods.add_parser(method.name, help=method.convert_help)
-        _add_common(sub)
+        _add_common(sub, method)
         for option in method.cli_options():
             option.add_to(sub, help=f"{option.help} (default {option.default})",
                           type=_positive_int if option.type is int else None)

@@ -88,9 +88,11 @@ def _by_prefix(key: str, table) -> str | None:
     return None
 
 
-def map_stock_key(key: str) -> str | None:
-    """A stock transformers LLaVA checkpoint name (legacy llava-hf layout or the 4.52+/5.x layout)."""
-    return _by_prefix(key, _STOCK_PREFIXES)
+def map_stock_key(key: str, family_prefixes=()) -> str | None:
+    """A stock transformers LLaVA checkpoint name (legacy llava-hf layout or the 4.52+/5.x layout).
+    `family_prefixes` are the family's own `(source, target)` prefixes (`families.ModelFamily.stock_key_prefixes`,
+    e.g. LLaVA-NeXT's root `image_newline`), tried first."""
+    return _by_prefix(key, (*family_prefixes, *_STOCK_PREFIXES))
 
 
 def map_original_key(key: str) -> str | None:

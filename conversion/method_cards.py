@@ -1,5 +1,5 @@
-"""Each method's own model-card fields (`ReductionMethod.card_fields_function`): the placeholders of its
-template in `model_cards/` besides `COMMON_CARD_FIELDS`, plus the common `title` and `intro`.
+"""Each method's own model-card fields (`FamilyClasses.card_fields_function`, one per method and model family): the
+placeholders of its template in `model_cards/` besides `COMMON_CARD_FIELDS`, plus the common `title` and `intro`.
 
 A function takes the checkpoint's config and a `model_card.CardContext` and returns a dict; `render_model_card`
 checks that it filled every field the registry entry lists.
@@ -96,4 +96,51 @@ def prumerge_card_fields(config, context) -> dict:
         coupling=(", pooled over all images of a call as in the released code" if config.prumerge_batch_coupled
                   else ", so an image gets the same tokens alone or in a batch"),
         budget_description=budget,
+    )
+
+
+# The budgets the VisionZip paper reports for LLaVA-NeXT (docs/llava_next.md): per crop -> tokens of a 2x2 image.
+PUBLISHED_NEXT_VISIONZIP_BUDGETS = {(108, 20): 640, (54, 10): 320, (27, 5): 160}
+
+
+def next_grid_totals(config) -> list[dict]:
+    """One row per grid of the config's `image_grid_pinpoints`: `grid` (rows, cols), `canvas` (height, width) px,
+    `crops`, `tokens` (the image's total at the config's per-crop budget) and `stock` (the stock processor's
+    placeholders for an image of exactly the canvas size), from the LLaVA-NeXT family's count functions."""
+    from ..modeling.family_llava_next import image_layouts, reduced_token_counts
+
+    canvases = [tuple(pair) for pair in config.image_grid_pinpoints]
+    layouts = image_layouts(canvases, config)  # an image of the canvas size picks that canvas
+    totals = reduced_token_counts(layouts, config.tokens_per_crop)
+    return [dict(grid=layout.grid, canvas=canvas, crops=layout.crops, tokens=total, stock=layout.placeholders)
+            for canvas, layout, total in zip(canvases, layouts, totals)]
+
+
+def llava_next_visionzip_card_fields(config, context) -> dict:
+    rows = next_grid_totals(config)
+    table = "\n".join(
+        f"| {row['grid'][0]}x{row['grid'][1]} | {row['canvas'][0]}x{row['canvas'][1]} | {row['crops']} | "
+        f"{row['tokens']} | {row['stock']} |" for row in rows
+    )
+    budget = (config.dominant_tokens, config.contextual_tokens)
+    published = PUBLISHED_NEXT_VISIONZIP_BUDGETS.get(budget)
+    if published:
+        budget_note = (f"This checkpoint's budget, {budget[0]}+{budget[1]} per crop, is the paper's \"VisionZip "
+                       f"{published}\" setting ({published} tokens for an image with a 2x2 grid).")
+    else:
+        budget_note = (f"This checkpoint's budget ({budget[0]}+{budget[1]} per crop) is not among the published "
+                       "ones (108+20, 54+10 and 27+5 per crop: 640, 320 and 160 tokens on a 2x2 grid).")
+    fewest, most = min(row["tokens"] for row in rows), max(row["tokens"] for row in rows)
+    return dict(
+        title=f"{context.repo_id.split('/')[-1]}: LLaVA-NeXT with VisionZip ({config.tokens_per_crop} tokens per crop)",
+        intro=f"{context.base} with **VisionZip** visual-token reduction: every {config.vision_config.image_size}-px "
+              "crop of an image (the base image and each crop of its grid) reaches the language model as "
+              f"{config.tokens_per_crop} tokens, so an image gets between {fewest} and {most} tokens instead of up to "
+              f"{max(row['stock'] for row in rows)}.",
+        visionzip_layer=config.visionzip_layer,
+        dominant_tokens=config.dominant_tokens,
+        contextual_tokens=config.contextual_tokens,
+        tokens_per_crop=config.tokens_per_crop,
+        grid_totals=table,
+        budget_note=budget_note,
     )

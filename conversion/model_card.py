@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from ..methods import COMMON_CARD_FIELDS, METHODS, for_model_type
+from ..methods import COMMON_CARD_FIELDS, all_classes, find_model_type
 
 
 # The example image of the usage snippets (the COCO picture transformers' documentation uses). `load_image`
 # also accepts a local path, so tests swap this string for a file.
 EXAMPLE_IMAGE_URL = "http://images.cocodataset.org/val2017/000000039769.jpg"
-TEMPLATE_NAMES = {method.model_type: method.card_template for method in METHODS.values()}
+TEMPLATE_NAMES = {classes.model_type: classes.card_template for classes in all_classes()}
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class CardContext:
     """What a method's card-fields function (`ReductionMethod.card_fields_function`) may use besides the config."""
 
     repo_id: str  # the hub id the snippets load
-    base: str  # how the intro names the base model: "`owner/name`" or "a LLaVA-1.5 checkpoint"
+    base: str  # how the intro names the base model: "`owner/name`" or "a LLaVA-1.5 checkpoint" (the family's label)
     tuned_projector: bool
     source_is_trim_trained: bool
 
@@ -62,7 +62,8 @@ def render_model_card(
     source_is_trim_trained: bool = False,
     extra_notes=(),
 ) -> str:
-    """The model card of a checkpoint with `config` (a `LlavaVisionZipConfig` or `LlavaTrimConfig`).
+    """The model card of a checkpoint with `config` (the config of one of the registry's classes, in any family:
+    the template and fields are those of the method's classes in the config's family).
 
     Args:
         repo_id: the hub id the usage snippets load (`owner/name`).
@@ -74,13 +75,15 @@ def render_model_card(
         extra_notes: more lines for the "Conversion" section.
     """
     model_type = getattr(config, "model_type", None)
-    method = for_model_type(model_type)
-    if method is None:
+    found = find_model_type(model_type)
+    if found is None:
         raise ValueError(f"no model card template for model_type {model_type!r}; expected one of "
                          f"{sorted(TEMPLATE_NAMES)}")
+    method, classes = found
+    family = classes.model_family
     base_models = [b for b in base_models if b]
-    base = f"`{base_models[0]}`" if base_models else "a LLaVA-1.5 checkpoint"
-    source_kind = ("a transformers LLaVA checkpoint" if source_format == "stock"
+    base = f"`{base_models[0]}`" if base_models else f"a {family.label} checkpoint"
+    source_kind = (f"a transformers {family.label} checkpoint" if source_format == "stock"
                    else "an original LLaVA-codebase checkpoint")
     notes = [
         f"Converted by `llava-token-reduction convert {method.name}` "
@@ -99,12 +102,12 @@ def render_model_card(
         "image_seq_length": config.image_seq_length,
         "conversion_notes": _bullets(notes),
     }
-    fields.update(method.card_fields_function(config, CardContext(
+    fields.update(classes.card_fields_function(config, CardContext(
         repo_id=repo_id, base=base, tuned_projector=tuned_projector, source_is_trim_trained=source_is_trim_trained)))
-    missing = [name for name in (*COMMON_CARD_FIELDS, *method.card_fields) if name not in fields]
+    missing = [name for name in (*COMMON_CARD_FIELDS, *classes.card_fields) if name not in fields]
     if missing:
         raise ValueError(f"the {method.label} card fields lack {missing}")
-    card = Template(template_text(method.card_template)).substitute(fields)
+    card = Template(template_text(classes.card_template)).substitute(fields)
     # An empty base_model block would leave a blank line inside the YAML header.
     return card.replace("\n\ntags:\n", "\ntags:\n", 1)
 

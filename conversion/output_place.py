@@ -3,8 +3,8 @@
 - `check_output(out, overwrite)` refuses, before any work, the OUT values that would destroy a user's data: an
   empty string (an unset shell variable), a symbolic link (`--overwrite` would replace what it points to), the
   working directory or one of its ancestors, the home directory, the file-system root, and, with `--overwrite`,
-  any existing directory that is not a checkpoint this package wrote (`config.json` of model type
-  `llava_visionzip` or `llava_trim`).
+  any existing directory that is not a checkpoint this package wrote (`config.json` of one of the
+  registry's model types, `llava_visionzip`, `llava_next_visionzip`, ...).
 - `OutputPlacement` writes into a hidden staging directory next to OUT and moves it into place. With
   `--overwrite` the old OUT is renamed aside and the staging directory renamed onto OUT with Ctrl-C held back
   between the two renames, so OUT is never absent when control returns; the old copy is deleted afterwards.
@@ -21,11 +21,11 @@ import threading
 import uuid
 from pathlib import Path
 
-from ..methods import METHODS
+from ..methods import all_classes
 from .errors import ConversionError
 
 
-OUR_MODEL_TYPES = tuple(method.model_type for method in METHODS.values())
+OUR_MODEL_TYPES = tuple(classes.model_type for classes in all_classes())
 
 
 def _is_our_checkpoint(directory: Path) -> bool:

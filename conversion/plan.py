@@ -16,8 +16,9 @@ from typing import Any, Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from ..families import FAMILIES, ModelFamily, family_of_stock_type
 from ..methods import METHODS as REGISTRY
-from ..methods import ReductionMethod
+from ..methods import FamilyClasses, ReductionMethod
 from .errors import ConversionError
 from .key_mapping import (
     CLIP_TEXT_PREFIX,
@@ -102,6 +103,8 @@ class ConversionPlan:
 
     request: ConversionRequest
     method: ReductionMethod
+    family: ModelFamily  # SRC's model family (LLaVA-1.5 for original-format sources)
+    classes: FamilyClasses  # the method's classes in that family: the output's config, model and processor
     out: Path
     src_dir: Path
     src_config: dict
@@ -152,15 +155,28 @@ def option_fields(request: ConversionRequest, method: ReductionMethod) -> dict:
     return {**fields, **request.overrides}
 
 
-def map_source(src: TensorSource, source_format: str) -> tuple[dict, list, list]:
-    """SRC's tensors under our names: (tensors, unmapped input keys, dropped recomputed buffers)."""
-    mapper = map_stock_key if source_format == "stock" else map_original_key
+def source_family(src_config: dict, source_format: str) -> ModelFamily:
+    """SRC's model family: the one of its stock model type; the LLaVA codebase's checkpoints are LLaVA-1.5."""
+    return family_of_stock_type(src_config.get("model_type")) if source_format == "stock" else FAMILIES["llava"]
+
+
+def method_classes(method: ReductionMethod, family: ModelFamily) -> FamilyClasses:
+    """The method's classes for SRC's family; a `ConversionError` naming the methods that family has otherwise."""
+    try:
+        return method.classes(family.name)
+    except ValueError as error:
+        raise ConversionError(f"SRC is a {family.label} checkpoint: {error}") from None
+
+
+def map_source(src: TensorSource, source_format: str, family: ModelFamily) -> tuple[dict, list, list]:
+    """SRC's tensors under our names (the family's own renames first): (tensors, unmapped input keys, dropped
+    recomputed buffers)."""
     tensors, unmapped, dropped = {}, [], []
     for key in src.keys():
         if is_recomputed_buffer(key):
             dropped.append(key)
             continue
-        target = mapper(key)
+        target = map_stock_key(key, family.stock_key_prefixes) if source_format == "stock" else map_original_key(key)
         if target is None:
             unmapped.append(f"{key} (SRC)")
         else:
@@ -177,13 +193,13 @@ def plan_conversion(request: ConversionRequest) -> ConversionPlan:
     refuse_input_in_output(out, src_dir, "SRC")
     src = TensorSource.from_directory(src_dir, "SRC")
     source_format = detect_format(src_config, src.keys())
-    tensors, unmapped, dropped = map_source(src, source_format)
+    family = source_family(src_config, source_format)
+    classes = method_classes(method, family)
+    tensors, unmapped, dropped = map_source(src, source_format, family)
     added, notes = [], []
     clip = _read_clip(request, method, out, src_config, source_format, tensors, notes)
     if source_format == "stock":
-        from transformers import LlavaConfig
-
-        vision_config = LlavaConfig.from_pretrained(src_dir).vision_config
+        vision_config = family.stock_config_class.from_pretrained(src_dir).vision_config
     else:
         vision_config = clip["vision_config"]
     if clip["source"] is not None:
@@ -202,7 +218,8 @@ def plan_conversion(request: ConversionRequest) -> ConversionPlan:
         notes.extend(extra.notes)
     out_dtype = DTYPES[request.dtype] if request.dtype else (src.main_float_dtype() or torch.float32)
     return ConversionPlan(
-        request=request, method=method, out=out, src_dir=src_dir, src_config=src_config, src=src,
+        request=request, method=method, family=family, classes=classes, out=out, src_dir=src_dir,
+        src_config=src_config, src=src,
         format=source_format, tensors=MappingProxyType(tensors), unmapped=tuple(unmapped),
         dropped_buffers=tuple(dropped), clip_dir=clip["dir"], clip_reference=clip["reference"],
         clip_config=clip["config"], clip_vision_config=clip["vision_config"], out_dtype=out_dtype,

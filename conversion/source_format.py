@@ -1,9 +1,10 @@
-"""Which kind of LLaVA checkpoint SRC is, from its config and tensor names: transformers' `llava` ("stock") or
-the LLaVA codebase's `llava_llama` ("original")."""
+"""Which kind of LLaVA checkpoint SRC is, from its config and tensor names: a stock transformers checkpoint of one
+of the registry's families (`llava`, `llava_next`: "stock") or the LLaVA codebase's `llava_llama` ("original")."""
 
 from __future__ import annotations
 
-from ..methods import METHODS
+from ..families import FAMILIES, family_of_stock_type
+from ..methods import find_model_type
 from .errors import ConversionError
 from .key_mapping import is_original_layout, is_stock_layout
 
@@ -21,18 +22,20 @@ def detect_format(config: dict, keys) -> str:
                 "Llama-based LLaVA-1.5 (`llava_llama`, LlavaLlamaForCausalLM) is supported"
             )
         return "original"
-    if model_type == "llava" and "text_config" in config:
-        if architectures and "LlavaForConditionalGeneration" not in architectures:
-            raise ConversionError(f"SRC architecture {architectures} is not LlavaForConditionalGeneration")
+    family = family_of_stock_type(model_type)
+    if family is not None and "text_config" in config:
+        if architectures and family.stock_architecture not in architectures:
+            raise ConversionError(f"SRC architecture {architectures} is not {family.stock_architecture}")
         if not is_stock_layout(keys):
-            raise ConversionError("SRC config says transformers LLaVA but its tensor names are not LLaVA's")
+            raise ConversionError(f"SRC config says transformers {family.label} but its tensor names are not "
+                                  f"{family.label}'s")
         return "stock"
     hint = ""
-    if model_type in (method.model_type for method in METHODS.values()):
+    if find_model_type(model_type) is not None:
         hint = (" (already converted: change the reduction settings at load time, e.g. "
                 "from_pretrained(path, dominant_tokens=108, contextual_tokens=20))")
+    stock = " or ".join(f"`{name}` ({family.stock_architecture})" for name, family in FAMILIES.items())
     raise ConversionError(
         f"SRC is a {model_type!r} checkpoint ({', '.join(architectures) or 'no architectures'}); expected a LLaVA "
-        "checkpoint: transformers `llava` (LlavaForConditionalGeneration) or the LLaVA codebase's `llava_llama`"
-        f"{hint}"
+        f"checkpoint: transformers {stock}, or the LLaVA codebase's `llava_llama`{hint}"
     )

@@ -111,7 +111,7 @@ def verify_checkpoint(plan: ConversionPlan, built: BuiltCheckpoint, directory: P
     problems = {name: info.get(name) for name in names if info.get(name)}
     if problems:
         raise ConversionError(f"verification failed: loading the written checkpoint reported {problems}")
-    if type(model) is not plan.method.generation_class:
+    if type(model) is not plan.classes.generation_class:
         raise ConversionError(f"verification failed: the output loads as {type(model).__name__}")
     loaded = model.state_dict()
     if set(loaded) != set(built.tensors):
@@ -134,7 +134,7 @@ def verify_checkpoint(plan: ConversionPlan, built: BuiltCheckpoint, directory: P
         processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
     except Exception as error:  # noqa: BLE001
         raise ConversionError(f"verification failed: the written processor does not load: {error}") from None
-    if type(processor) is not plan.method.processor_class:
+    if type(processor) is not plan.classes.processor_class:
         raise ConversionError(f"verification failed: the processor loads as {type(processor).__name__}")
     if processor.image_token_id != built.config.image_token_id:
         raise ConversionError(

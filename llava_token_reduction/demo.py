@@ -23,12 +23,21 @@ import time
 from pathlib import Path
 
 from . import methods as registry
+from .demo_measure import (  # noqa: F401 - re-exported: the demo's results and measured calls
+    RANDOM_TRIM_NOTICE,
+    RANDOM_WEIGHTS_NOTICE,
+    DemoReport,
+    Measurement,
+    _measure,
+    _Runner,
+    crop_lines,
+    made_of,
+    splice_image_features,
+    stock_twin,
+)
+from .families import FAMILIES, family_of_model_type
 from .inputs import DEFAULT_QUESTION, FLOAT_DTYPES, SAMPLE_IMAGE, chat_prompt, parse_dtype
 from .loading import check_loading_info, load_checkpoint
-from .demo_measure import (  # noqa: F401 - re-exported: the demo's results and measured calls
-    RANDOM_TRIM_NOTICE, RANDOM_WEIGHTS_NOTICE, DemoReport, Measurement, _measure, _Runner, made_of,
-    splice_image_features, stock_twin,
-)
 from .shared_weights import twin
 
 
@@ -67,21 +76,25 @@ def register(subparsers) -> None:
     for method in registry.METHODS.values():
         for option in method.cli_options():
             option.add_to(parser)
-    parser.add_argument("--device", help="device or device map, e.g. cpu, cuda, cuda:1, auto (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype; auto = bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--device", help="device or device map, e.g. cpu, cuda, cuda:1, auto (default: cuda if "
+                                         "available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="weights dtype; auto = bfloat16 on GPU, float32 on CPU")
     parser.add_argument(
         "--output", metavar="DIR",
         help="keep the checkpoints (weights, code, processor) in DIR/METHOD ("
              + ", ".join(f"DIR/{name}" for name in REDUCTIONS) + ") instead of a temporary directory",
     )
     parser.add_argument("--image", metavar="FILE", help="image to use (default: a bundled sample picture)")
-    parser.add_argument("--question", default=DEFAULT_QUESTION, help=f"question about the image (default: {DEFAULT_QUESTION!r})")
+    parser.add_argument("--question", default=DEFAULT_QUESTION,
+                        help=f"question about the image (default: {DEFAULT_QUESTION!r})")
     parser.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate (default: 20)")
     parser.add_argument(
         "--repeats", type=int, metavar="N",
         help="timed runs per measurement after one warm-up (default: 5, or 3 with --model)",
     )
-    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random weights, without --model (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed of the random weights, without --model (default: 0)")
     parser.add_argument(
         "--trust-remote-code", action="store_true",
         help="let --model's own Python code (auto_map entries) run when it is loaded; off by default: stock LLaVA, "
@@ -116,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     if not image_path.is_file():
         raise CommandError(f"image not found: {image_path}")
     report = run_demo(
-        model=args.model, method=args.method, clip=args.clip, overrides=overrides, device=args.device, dtype=args.dtype, output=args.output,
+        model=args.model, method=args.method, clip=args.clip, overrides=overrides, device=args.device,
+        dtype=args.dtype, output=args.output,
         image=image_path, question=args.question, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
         seed=args.seed, trust_remote_code=args.trust_remote_code,
     )
@@ -158,30 +172,35 @@ def run_demo(
     choices = ("both", *registry.METHODS)
     if method not in choices:
         raise ValueError(f"method must be one of {', '.join(choices)}, got {method!r}")
-    methods = tuple(registry.METHODS) if method == "both" else (method,)
+    family = _family_of(model) if model is not None else FAMILIES["llava"]
+    methods = _methods_for(method, family)
     status = status or _stderr_status
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = parse_dtype(dtype, device)
     legacy = {"dominant_tokens": dominant_tokens, "contextual_tokens": contextual_tokens}
     overrides = {**{name: value for name, value in legacy.items() if value is not None}, **(overrides or {})}
-    owners = {option.field: entry for entry in _chosen(method) for option in entry.options}
+    chosen = tuple(registry.get(name) for name in methods)
+    owners = {option.field: entry for entry in chosen for option in entry.options}
     for name, value in overrides.items():  # before anything is built or converted
         if name not in owners:
-            raise ValueError(f"{name} is not a setting of {', '.join(e.label for e in _chosen(method))}; the "
+            raise ValueError(f"{name} is not a setting of {', '.join(e.label for e in chosen)}; the "
                              f"settings are {', '.join(sorted(owners))}")
-        owners[name].config_class.single_field_checks[name](value)
+        owners[name].classes(family.name).config_class.single_field_checks[name](value)
     notes = []
     with contextlib.ExitStack() as stack:
-        directory = Path(output or stack.enter_context(tempfile.TemporaryDirectory(prefix="llava-token-reduction-demo-")))
+        temporary = tempfile.TemporaryDirectory(prefix="llava-token-reduction-demo-")
+        directory = Path(output or stack.enter_context(temporary))
         if model is None:
-            with _step(status, "building a small LLaVA with random weights (576 patches per image) and a CLIP text tower"):
+            with _step(status, "building a small LLaVA with random weights (576 patches per image) and a CLIP text "
+                               "tower"):
                 save_random_checkpoints(directory, torch_dtype, seed, overrides, methods)
             loaded = {}
             for name in methods:
                 with _step(status, f"loading it back with AutoModelForImageTextToText from {directory / name}"):
                     loaded[name] = _load_auto(directory / name, device, torch_dtype, trust_remote_code=False)
             checkpoints = "checkpoints" if len(methods) > 1 else "checkpoint"
-            source = f"small LLaVA with random weights, saved as {registry.labels_in_words(methods)} {checkpoints} and reloaded"
+            source = (f"small LLaVA with random weights, saved as {registry.labels_in_words(methods)} {checkpoints} "
+                      "and reloaded")
         else:
             loaded = _load_checkpoint(
                 model, methods, clip, overrides, device, torch_dtype, directory, bool(output), status, notes,
@@ -209,16 +228,20 @@ def run_demo(
         placeholders = int((inputs["input_ids"] == first.config.image_token_id).sum())
         if placeholders == 0:
             raise ValueError(
-                f"the processor put no image placeholders (token id {first.config.image_token_id}) in the prompt {prompt!r}"
+                f"the processor put no image placeholders (token id {first.config.image_token_id}) in the prompt "
+                f"{prompt!r}"
             )
 
-        candidates = [(stock_twin(first), "stock LLaVA", None)]
+        # An image cut into crops (LLaVA-NeXT): its grid, for the per-crop budgets in the report.
+        layouts = family.crop_layouts(inputs.get("image_sizes"), first.config)
+        candidates = [(stock_twin(first), family.stock_label, None)]
         for name in methods:
             reduced = loaded[name][0].eval()
             candidates.append((reduced, _label(reduced), name))
         labels = ", ".join(label for _, label, _ in candidates)
         with torch.inference_mode(), _step(status, f"timing {labels} ({repeats} runs each)"):
-            runners = [_Runner(m, label, _inputs_for(name, inputs), max_new_tokens) for m, label, name in candidates]
+            runners = [_Runner(m, label, _inputs_for(name, inputs), max_new_tokens, layouts)
+                       for m, label, name in candidates]
             measurements = _measure(runners, processor, repeats)
         trim_question = None
         if any(registry.get(name).side_inputs for name in loaded) and hasattr(processor, "extract_questions"):
@@ -227,13 +250,40 @@ def run_demo(
             source=source, random_weights=model is None, device=str(first.device),
             dtype=str(torch_dtype).removeprefix("torch."), prompt_length=int(inputs["input_ids"].shape[1]),
             repeats=repeats, max_new_tokens=max_new_tokens, measurements=measurements, trim_question=trim_question,
-            notes=notes,
+            notes=notes, image_lines=crop_lines(layouts, measurements),
         )
 
 
 def _chosen(method: str) -> tuple:
     """The registry entries `--method` names ("both" is every one)."""
     return tuple(registry.METHODS.values()) if method == "both" else (registry.get(method),)
+
+
+def _family_of(source: str):
+    """The model family of the checkpoint `source` (stock, or one of ours), from its config; a `ValueError`
+    naming the model types the demo takes otherwise."""
+    from transformers import PretrainedConfig
+
+    model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
+    family = family_of_model_type(model_type)
+    if family is None:
+        known = {**{name: f.stock_label for name, f in FAMILIES.items()},
+                 **{classes.model_type: f"{method.label} on {classes.model_family.label}"
+                    for method in registry.METHODS.values() for classes in method.families.values()}}
+        raise ValueError(
+            f"{source} has model_type {model_type!r}; the demo takes "
+            + ", ".join(f"{label} ({kind!r})" for kind, label in known.items()) + " checkpoints"
+        )
+    return family
+
+
+def _methods_for(method: str, family) -> tuple[str, ...]:
+    """The registry names `--method` runs on a checkpoint of `family`: "both" is every method the family has; a
+    method without classes there is refused naming those that have them."""
+    if method == "both":
+        return tuple(entry.name for entry in registry.methods_of_family(family.name))
+    registry.get(method).classes(family.name)  # ValueError naming the family's methods
+    return (method,)
 
 
 def _towered(methods) -> tuple:
@@ -247,8 +297,8 @@ def _setting_word(method) -> str:
 
 def _label(model) -> str:
     config = model.config
-    method = registry.for_model_type(config.model_type)
-    return method.describe(config) if method else config.model_type
+    found = registry.find_model_type(config.model_type)
+    return found[0].describe(config) if found else config.model_type
 
 
 def _inputs_for(name: str | None, inputs) -> dict:
@@ -302,13 +352,9 @@ def _load_checkpoint(source: str, methods, clip, overrides: dict, device: str, t
     from transformers import PretrainedConfig
 
     model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
-    known = {"llava": "stock LLaVA", **{m.model_type: m.label for m in registry.METHODS.values()}}
-    if model_type not in known:
-        raise ValueError(
-            f"{source} has model_type {model_type!r}; the demo takes "
-            + ", ".join(f"{label} ({kind!r})" for kind, label in known.items()) + " checkpoints"
-        )
-    source_method = registry.for_model_type(model_type)
+    _family_of(source)  # a type the demo knows
+    found = registry.find_model_type(model_type)
+    source_method = found[0] if found else None
     wanted = [registry.get(name) for name in methods]
     others = "/".join(m.name for m in registry.METHODS.values() if not m.needs_clip_text_tower)
     if source_method is not None and source_method.needs_clip_text_tower and clip:
@@ -349,7 +395,8 @@ def _load_checkpoint(source: str, methods, clip, overrides: dict, device: str, t
         if base is not None:
             loaded[method.name] = (twin(base[0], method.generation_class, **own), _processor_for(method, base[1]))
         else:
-            with _step(status, f"loading {source} as LLaVA with {method.label}"):
+            label = _family_of(source).label
+            with _step(status, f"loading {source} as {label} with {method.label}"):
                 loaded[method.name] = load_checkpoint(source, method, overrides=own, device=device, dtype=torch_dtype,
                                                       trust_remote_code=trust_remote_code)
     for name in [name for name in loaded if name not in methods]:

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import methods as registry
+from .families import FAMILIES, family_of_model_type
 from .shared_weights import twin
 
 
@@ -51,12 +52,14 @@ class DemoReport:
     measurements: list[Measurement]  # stock LLaVA first, then the reduced models
     trim_question: str | None = None
     notes: list[str] = field(default_factory=list)
+    image_lines: list[str] = field(default_factory=list)  # the image's crops and per-crop budgets (LLaVA-NeXT)
 
     def render(self) -> str:
         stock, reduced = self.measurements[0], self.measurements[1:]
 
         def row(label, value, text, change):
-            return (label, text(value(stock)), *(f"{text(value(m))} ({change(value(stock), value(m))})" for m in reduced))
+            before = value(stock)
+            return (label, text(before), *(f"{text(value(m))} ({change(before, value(m))})" for m in reduced))
 
         rows = [
             row("image tokens per image", lambda m: m.image_tokens, str, _percent),
@@ -65,7 +68,8 @@ class DemoReport:
             row("vision tower + projector (ms)", lambda m: m.vision_ms, "{:.1f}".format, _speedup),
             row("LM prefill (ms)", lambda m: m.prefill_ms, "{:.1f}".format, _speedup),
             row("whole forward pass (ms)", lambda m: m.forward_ms, "{:.1f}".format, _speedup),
-            row(f"generate up to {self.max_new_tokens} tokens (ms)", lambda m: m.generate_ms, "{:.0f}".format, _speedup),
+            row(f"generate up to {self.max_new_tokens} tokens (ms)", lambda m: m.generate_ms, "{:.0f}".format,
+                _speedup),
             ("  tokens generated", *(str(m.new_tokens) for m in self.measurements)),
         ]
         header = ("", *(m.label for m in self.measurements))
@@ -80,8 +84,9 @@ class DemoReport:
             f"model: {self.source}",
             f"device: {self.device}, dtype: {self.dtype}; prompt: {self.prompt_length} tokens from the processor",
             f"times: medians of {self.repeats} run{'s' if self.repeats > 1 else ''} after a warm-up; "
-            "(in brackets: the change from stock LLaVA)",
+            f"(in brackets: the change from {self.measurements[0].label})",
         ]
+        out += self.image_lines
         if self.trim_question is not None:
             out.append(f"TRIM's question (scored with the CLIP text tower): {self.trim_question!r}")
         out += [
@@ -107,12 +112,31 @@ def _speedup(before: float, after: float) -> str:
     return f"{before / after:.1f}x faster" if before >= after else f"{after / before:.1f}x slower"
 
 
-def stock_twin(model):
-    """A stock `LlavaForConditionalGeneration` on the weights of `model` (see `twin`): the "before" of the
-    comparison at no extra memory."""
-    from transformers import LlavaForConditionalGeneration
+def model_family(model):
+    """The model family (`families.ModelFamily`) of a stock or reduced `model`; LLaVA-1.5 when unknown."""
+    return family_of_model_type(model.config.model_type) or FAMILIES["llava"]
 
-    return twin(model, LlavaForConditionalGeneration)
+
+def stock_twin(model):
+    """The stock model of `model`'s family (`LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`)
+    on the weights of `model` (see `twin`): the "before" of the comparison at no extra memory."""
+    return twin(model, model_family(model).stock_generation_class)
+
+
+def crop_lines(layouts, measurements) -> list[str]:
+    """For an image cut into crops (`layouts` of one image, LLaVA-NeXT): its grid, and each reduced model's
+    per-crop budget next to the image's total (`measurements`: stock first)."""
+    if not layouts:
+        return []
+    layout = layouts[0]
+    (height, width), (rows, cols) = layout.size, layout.grid
+    lines = [f"image: {height}x{width} px -> {rows}x{cols} grid, {layout.crops} crops (the base image + "
+             f"{rows * cols} grid crops); {measurements[0].label}: {measurements[0].image_tokens} image tokens"]
+    for measurement in measurements[1:]:
+        per_crop = measurement.image_tokens // layout.crops
+        lines.append(f"{measurement.label}: the budget is per crop: {per_crop} per crop x {layout.crops} crops = "
+                     f"{measurement.image_tokens} tokens for this image")
+    return lines
 
 
 class _Runner:
@@ -120,20 +144,21 @@ class _Runner:
     prefill alone (on the sequence this model's language model sees), a whole forward pass and a greedy
     generation, all from the same processor output."""
 
-    def __init__(self, model, label: str, inputs, max_new_tokens: int):
+    def __init__(self, model, label: str, inputs, max_new_tokens: int, layouts=None):
         config = model.config
         self.model, self.label, self.inputs = model, label, inputs
         self.vision_kwargs = dict(
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         )
-        # The reduction's own per-image inputs (TRIM's CLIP rows) go with the pixels.
-        for name in getattr(model, "image_side_input_names", ()):
+        # The family's and the reduction's own per-image inputs (LLaVA-NeXT's image sizes, TRIM's CLIP rows) go
+        # with the pixels.
+        for name in (*model_family(model).side_inputs, *getattr(model, "image_side_input_names", ())):
             self.vision_kwargs[name] = inputs[name]
         self.generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
         output = self.vision()
         self.features = list(output.pooler_output)
-        self.made_of = made_of(model, output)
+        self.made_of = made_of(model, output, layouts)
         self.embeds = splice_image_features(model, inputs["input_ids"], self.features)
 
     def vision(self):
@@ -181,10 +206,16 @@ def _measure(runners: list, processor, repeats: int) -> list[Measurement]:
     return measurements
 
 
-def made_of(model, output) -> str:
-    """What the first image's tokens are, from the config and the `get_image_features` output of `model`."""
-    method = registry.for_model_type(model.config.model_type)
-    return method.describe_result(model.config, output) if method else "all patches"
+def made_of(model, output, layouts=None) -> str:
+    """What the first image's tokens are, from the config and the `get_image_features` output of `model`; with
+    `layouts` (an image cut into crops), per crop."""
+    found = registry.find_model_type(model.config.model_type)
+    if layouts:
+        crops = layouts[0].crops
+        if found is None:
+            return f"{crops} crops, all patches (padding removed) + row ends"
+        return f"{crops} crops x ({found[0].describe_result(model.config, output)})"
+    return found[0].describe_result(model.config, output) if found else "all patches"
 
 
 def splice_image_features(model, input_ids, features):

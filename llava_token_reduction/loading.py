@@ -22,9 +22,10 @@ def load_checkpoint(source, method=None, *, overrides: dict | None = None, devic
                     trust_remote_code: bool = False, with_processor: bool = True):
     """`(model, processor)` of the checkpoint `source` (a directory or hub id).
 
-    With `method` (a `methods.ReductionMethod`), the model is its `generation_class` with the load-time
-    `overrides`: a stock LLaVA checkpoint, or another method's (its extra weights are then ignored), loads as
-    that method. Without, the Auto classes pick the class from the config; `trust_remote_code=False` means the
+    With `method` (a `methods.ReductionMethod`), the model is its class in the checkpoint's model family (LLaVA-1.5
+    or LLaVA-NeXT, from the config's model type; a `ValueError` when the method has none there) with the load-time
+    `overrides`: a stock checkpoint, or another method's (its extra weights are then ignored), loads as that
+    method. Without, the Auto classes pick the class from the config; `trust_remote_code=False` means the
     checkpoint's own code never runs (importing this package registered our classes). The loading report is
     checked (`check_loading_info`); `processor` is None when `with_processor` is false."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -38,10 +39,15 @@ def load_checkpoint(source, method=None, *, overrides: dict | None = None, devic
         )
         check_loading_info(source, info)
     else:
+        from .families import FAMILIES, family_of_model_type
+
         model_type = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).model_type
-        # The class loads a stock `llava` checkpoint without transformers' model-type warning (the documented use).
-        model, info = method.generation_class.from_pretrained(source, **options, **overrides)
-        check_loading_info(source, info, allow_unexpected=model_type not in ("llava", method.model_type))
+        family = family_of_model_type(model_type) or FAMILIES["llava"]  # unknown types: the class says what it takes
+        classes = method.classes(family.name)
+        # The class loads a stock checkpoint of its family without transformers' model-type warning (the documented
+        # use).
+        model, info = classes.generation_class.from_pretrained(source, **options, **overrides)
+        check_loading_info(source, info, allow_unexpected=model_type not in (family.name, classes.model_type))
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code) if with_processor else None
     return model, processor
 

@@ -8,8 +8,11 @@ model-card template fills, what `show` draws, which converter builds its checkpo
 times. `docs/adding_a_method.md` is the checklist for adding one, and lists the tool branches still to be
 converted to this registry.
 
-Methods know nothing about model families: the class names here are those of the LLaVA-1.5 family, and
-`other_families` names a method's reduced model types in the others (VisionZip's LLaVA-NeXT classes).
+Methods know nothing about model families, and families (`families.py`) nothing about methods; an entry is where
+they meet: its class names (`model_type`, `config_class_name`, ...) are those of the LLaVA-1.5 family, which every
+method supports, and `other_families` lists its classes in the other families (VisionZip on LLaVA-NeXT). A tool
+asks `method.classes(family_name)` (refused with a `ValueError` naming the methods the family has) or
+`find_model_type(model_type)` for any family's checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ def _resolve(reference: str):
     """`"module:name"` -> the object; a bare name is looked up in `llava_token_reduction`."""
     module, _, name = reference.rpartition(":")
     return getattr(importlib.import_module(module or "llava_token_reduction"), name)
+
+
+def resolved(field_name: str) -> property:
+    """A read-only attribute that is the object the entry's `field_name` ("module:name") names (`_resolve`)."""
+    return property(lambda entry: _resolve(getattr(entry, field_name)),
+                    doc=f"The object `{field_name}` names, imported when first asked for.")
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,39 @@ class BenchVariant:
 
 
 @dataclass(frozen=True)
+class FamilyClasses:
+    """A method's classes in one model family (`families.FAMILIES`), and the model card of its checkpoints there."""
+
+    family: str  # a `families.FAMILIES` name: "llava", "llava_next"
+    model_type: str
+    config_class_name: str  # resolved by `_resolve`
+    model_class_name: str  # the inner model (`AutoModel`)
+    generation_class_name: str  # the outer model (`AutoModelForImageTextToText`)
+    processor_class_name: str  # what `AutoProcessor` resolves to for this config
+    card_template: str  # file name in model_cards/
+    card_fields: tuple[str, ...]  # the template's own placeholders (besides COMMON_CARD_FIELDS)
+    card_fields_reference: str  # "module:name" of (config, CardContext) -> those fields plus title and intro
+
+    config_class = resolved("config_class_name")
+    model_class = resolved("model_class_name")
+    generation_class = resolved("generation_class_name")
+    processor_class = resolved("processor_class_name")
+    card_fields_function = resolved("card_fields_reference")
+
+    @property
+    def model_family(self):
+        from .families import get_family
+
+        return get_family(self.family)
+
+
+def _llava_classes_attribute(name: str) -> property:
+    """A read-only attribute of `ReductionMethod` that is the same one of its LLaVA-1.5 `FamilyClasses`."""
+    return property(lambda method: getattr(method.families["llava"], name),
+                    doc=f"The LLaVA-1.5 family's `{name}` (`FamilyClasses.{name}`).")
+
+
+@dataclass(frozen=True)
 class ReductionMethod:
     """Everything the tools need to know about one reduction method (see the module docstring)."""
 
@@ -95,46 +137,60 @@ class ReductionMethod:
     # MethodConversion`: config fields and notes only it knows (TRIM: CLIP's text config, the original format's
     # `mm_vision_token_reduce_func`); None when the method needs none.
     conversion_hook: str | None = None
-    # The method's reduced model types in families besides LLaVA-1.5, as (stock model type, reduced model type):
-    # a stock checkpoint of that type loads into that class at load time (the evaluation plugin's `method=`).
-    other_families: tuple[tuple[str, str], ...] = ()
+    # The method's classes in the families other than LLaVA-1.5 (whose classes are the fields above).
+    other_families: tuple[FamilyClasses, ...] = ()
     # The keyword of the method's processor that takes each image's question (TRIM: `clip_text`), for the tools
     # that build its inputs from a chat (the evaluation plugin); None when the method scores no text.
     question_argument: str | None = None
 
     @property
     def reduced_model_types(self) -> dict[str, str]:
-        """Stock model type -> this method's reduced model type, for every family it has classes for."""
-        return {"llava": self.model_type, **dict(self.other_families)}
+        """Stock model type -> this method's reduced model type, for every family it has classes for (a family's
+        name is its stock checkpoints' model type)."""
+        return {family: classes.model_type for family, classes in self.families.items()}
 
     @property
-    def config_class(self):
-        return _resolve(self.config_class_name)
+    def families(self) -> dict[str, FamilyClasses]:
+        """Family name -> the method's classes there, LLaVA-1.5 first."""
+        llava = FamilyClasses(
+            family="llava", model_type=self.model_type, config_class_name=self.config_class_name,
+            model_class_name=self.model_class_name, generation_class_name=self.generation_class_name,
+            processor_class_name=self.processor_class_name, card_template=self.card_template,
+            card_fields=self.card_fields, card_fields_reference=self.card_fields_reference,
+        )
+        return {"llava": llava, **{classes.family: classes for classes in self.other_families}}
 
-    @property
-    def model_class(self):
-        return _resolve(self.model_class_name)
+    def classes(self, family: str) -> FamilyClasses:
+        """The method's classes in `family` (a `families.FAMILIES` name); a `ValueError` naming the methods that
+        family has when this one has none there."""
+        from .families import get_family
 
-    @property
-    def generation_class(self):
-        return _resolve(self.generation_class_name)
+        label = get_family(family).label
+        try:
+            return self.families[family]
+        except KeyError:
+            others = [method.label for method in methods_of_family(family)]
+            offer = f"{label} checkpoints take {' or '.join(others)}" if others else f"no method supports {label}"
+            raise ValueError(
+                f"{self.label} has no {label} classes ({self.label} supports "
+                f"{', '.join(get_family(name).label for name in self.families)}); {offer}"
+            ) from None
 
-    @property
-    def processor_class(self):
-        return _resolve(self.processor_class_name)
+    # The LLaVA-1.5 family's classes (`classes(name)` gives another family's).
+    config_class = _llava_classes_attribute("config_class")
+    model_class = _llava_classes_attribute("model_class")
+    generation_class = _llava_classes_attribute("generation_class")
+    processor_class = _llava_classes_attribute("processor_class")
+    card_fields_function = _llava_classes_attribute("card_fields_function")
 
     @property
     def show_selection_function(self) -> Callable:
-        """(model, pixel_values of one image, **side inputs) -> `show.Selection`."""
+        """(model, pixel_values of one image, **the family's and the method's side inputs) -> `show.Selection`."""
         return _resolve(self.show_selection)
 
     @property
     def conversion_hook_function(self) -> Callable | None:
         return _resolve(self.conversion_hook) if self.conversion_hook else None
-
-    @property
-    def card_fields_function(self) -> Callable:
-        return _resolve(self.card_fields_reference)
 
     def cli_options(self) -> tuple[Option, ...]:
         return tuple(option for option in self.options if option.cli)
@@ -194,7 +250,21 @@ VISIONZIP = ReductionMethod(
         BenchVariant("visionzip-128", (("dominant_tokens", 108), ("contextual_tokens", 20))),
         BenchVariant("visionzip-64", (("dominant_tokens", 54), ("contextual_tokens", 10))),
     ),
-    other_families=(("llava_next", "llava_next_visionzip"),),
+    other_families=(
+        # The budget is per 336-px crop (docs/llava_next.md); the stock processor, whose counts the model derives.
+        FamilyClasses(
+            family="llava_next",
+            model_type="llava_next_visionzip",
+            config_class_name="LlavaNextVisionZipConfig",
+            model_class_name="LlavaNextVisionZipModel",
+            generation_class_name="LlavaNextVisionZipForConditionalGeneration",
+            processor_class_name="transformers:LlavaNextProcessor",
+            card_template="llava_next_visionzip.md",
+            card_fields=("visionzip_layer", "dominant_tokens", "contextual_tokens", "tokens_per_crop",
+                         "grid_totals", "budget_note"),
+            card_fields_reference="llava_token_reduction.conversion.method_cards:llava_next_visionzip_card_fields",
+        ),
+    ),
 )
 
 TRIM = ReductionMethod(
@@ -285,27 +355,51 @@ def get(name: str) -> ReductionMethod:
 
 
 def for_model_type(model_type: str) -> ReductionMethod | None:
-    """The method whose config has `model_type`, or None (a stock LLaVA, or not ours)."""
+    """The method whose LLaVA-1.5 config has `model_type`, or None (a stock LLaVA, another family's checkpoint,
+    or not ours). `find_model_type` answers for every family."""
     return next((method for method in METHODS.values() if method.model_type == model_type), None)
+
+
+def find_model_type(model_type: str) -> tuple[ReductionMethod, FamilyClasses] | None:
+    """`(method, its classes)` whose config has `model_type` in any family, or None (stock, or not ours)."""
+    for method in METHODS.values():
+        for classes in method.families.values():
+            if classes.model_type == model_type:
+                return method, classes
+    return None
+
+
+def all_classes() -> list[FamilyClasses]:
+    """Every method's classes in every family (what `import llava_token_reduction` registers)."""
+    return [classes for method in METHODS.values() for classes in method.families.values()]
+
+
+def methods_of_family(family: str) -> tuple[ReductionMethod, ...]:
+    """The methods that have classes in `family`, in the registry's order."""
+    return tuple(method for method in METHODS.values() if family in method.families)
+
 
 
 def for_reduced_model_type(model_type: str) -> ReductionMethod | None:
     """The method whose reduced model type, in any family (`llava_next_visionzip` too), is `model_type`."""
-    return next((method for method in METHODS.values() if model_type in method.reduced_model_types.values()), None)
+    found = find_model_type(model_type)
+    return found[0] if found else None
 
 
 def reduced_model_types() -> list[str]:
     """Every reduced model type of every method and family, in the registry's order."""
-    return [model_type for method in METHODS.values() for model_type in method.reduced_model_types.values()]
+    return [classes.model_type for classes in all_classes()]
 
 
 def stock_model_types() -> tuple[str, ...]:
-    """The stock model types some method has a reduced class for (`llava`, `llava_next`)."""
-    return tuple(dict.fromkeys(stock for method in METHODS.values() for stock in method.reduced_model_types))
+    """The stock model types some method has a reduced class for (`llava`, `llava_next`): a family's name is its
+    stock checkpoints' model type (`families.family_of_stock_type`)."""
+    return tuple(dict.fromkeys(family for method in METHODS.values() for family in method.families))
 
 
-__all__ = ["BenchVariant", "COMMON_CARD_FIELDS", "METHODS", "Option", "ReductionMethod", "for_model_type",
-           "for_reduced_model_type", "get", "reduced_model_types", "stock_model_types"]
+__all__ = ["BenchVariant", "COMMON_CARD_FIELDS", "FamilyClasses", "METHODS", "Option", "ReductionMethod",
+           "all_classes", "find_model_type", "for_model_type", "for_reduced_model_type", "get", "methods_of_family",
+           "reduced_model_types", "stock_model_types"]
 
 
 def labels_in_words(names=None) -> str:

@@ -2,18 +2,18 @@
 
 
 def twin(model, model_class, **fields):
-    """A `model_class` (stock `LlavaForConditionalGeneration` or one of this package's LLaVA classes) that
-    shares the vision tower, projector, language model and LM head (and so every LLaVA weight) with `model`,
-    another of them: a second model on the same weights at no extra memory. The config is `model`'s minus its
-    reduction fields, plus `fields`."""
+    """A `model_class` (a stock LLaVA / LLaVA-NeXT class or one of this package's classes of the same family) that
+    shares the vision tower, projector, language model and LM head (and LLaVA-NeXT's `image_newline`: so every
+    weight of the family) with `model`, another of them: a second model on the same weights at no extra memory.
+    The config is `model`'s minus its reduction fields, plus `fields`."""
     import torch
-    from transformers import LlavaConfig
+    from transformers import LlavaConfig, LlavaNextConfig
 
-    from .methods import METHODS
+    from .methods import all_classes
 
-    stock_fields = set(LlavaConfig().to_dict())
+    stock_fields = set(LlavaConfig().to_dict()) | set(LlavaNextConfig().to_dict())
     reduction_fields = {
-        name for method in METHODS.values() for name in method.config_class().to_dict() if name not in stock_fields
+        name for classes in all_classes() for name in classes.config_class().to_dict() if name not in stock_fields
     }
     values = {
         name: value for name, value in model.config.to_dict().items()
@@ -28,6 +28,8 @@ def twin(model, model_class, **fields):
     result.model.multi_modal_projector = model.model.multi_modal_projector
     result.model.language_model = model.model.language_model
     result.lm_head = model.lm_head
+    if hasattr(result.model, "image_newline"):  # LLaVA-NeXT
+        result.model.image_newline = model.model.image_newline
     result.generation_config = model.generation_config
     leftovers = [name for name, tensor in [*result.named_parameters(), *result.named_buffers()] if tensor.is_meta]
     if leftovers and not any(tensor.is_meta for tensor in model.parameters()):

@@ -8,6 +8,10 @@
     show --image IMG --method trim [--question TEXT] [--model PATH] [--out PNG]
         left: the image; right: TRIM's patch scores as a heat map over the image, the kept outliers outlined.
 
+    show --image IMG --method visionzip --model LLAVA_NEXT_CHECKPOINT [--out PNG]
+        every crop of the image drawn as above where it lies (`show_crops.py`): left the base crop, right the
+        grid crops put together as the canvas the processor cut; the budget is per crop.
+
 The selection comes from the model's own pieces and the pure functions of `modeling.token_reduction`
 (`cls_attention_scores` + `visionzip_assignment`; TRIM's `get_image_features`, which returns kept indices and
 scores), so the picture shows exactly what the model feeds its language model. Without `--model`, a small
@@ -21,17 +25,21 @@ from pathlib import Path
 
 import numpy as np
 
+from .families import FAMILIES, family_of_model_type
 from .inputs import DEFAULT_QUESTION, chat_prompt
 from .methods import METHODS, get
+from .show_draw import (  # noqa: F401 - re-exported: what the picture is made of
+    GAP,
+    HEADER_HEIGHT,
+    OUTLINE,
+    PANEL_TARGET,
+    Layout,
+    _group_colours,
+    pixels_to_image,
+    render,
+)
 
 
-OUTLINE = (0, 255, 255)  # kept patches
-OUTLINE_WIDTH = 2
-TINT_ALPHA = 0.5
-HEAT_ALPHA = 0.65
-HEADER_HEIGHT = 54
-PANEL_TARGET = 504  # pixels per panel side, rounded down to whole patches
-GAP = 8
 DEMO_NOTICE = "RANDOM WEIGHTS (embedded demo model): the layout is real, the choice of patches is arbitrary"
 
 
@@ -52,37 +60,57 @@ class Selection:
     tokens: int = 0  # image tokens the language model sees
     description: str = ""
     extra: dict = field(default_factory=dict)
+    # An image cut into crops (LLaVA-NeXT): each crop's selection, the base crop first, then the grid crops
+    # row-major (`grid` is then the patch grid of one crop, and `kept`/`group`/`targets` are the base crop's).
+    crops: list | None = None
 
 
-def visionzip_selection(model, pixel_values) -> Selection:
-    """Run the vision tower of a VisionZip model on one image and return which patch goes where."""
+def _visionzip_crop(config, kept, rest, group, patches: int) -> Selection:
+    """One crop's VisionZip selection from `visionzip_assignment`'s rows for it."""
+    from .modeling.token_reduction import contextual_target_positions
+
+    per_patch = [-1] * patches
+    for position, owner in zip(rest.tolist(), group.tolist()):
+        per_patch[position - 1] = owner
+    contextual = config.contextual_tokens
+    target_positions = contextual_target_positions(rest.shape[0], contextual) if contextual else []
+    return Selection(
+        method="visionzip", grid=int(round(patches**0.5)), group=per_patch,
+        kept=[position - 1 for position in kept.tolist() if position > 0],
+        targets=[rest[int(index)].item() - 1 for index in target_positions],
+        tokens=config.dominant_tokens + contextual,
+    )
+
+
+def visionzip_selection(model, pixel_values, image_sizes=None) -> Selection:
+    """Run the vision tower of a VisionZip model on one image and return which patch goes where. With
+    `image_sizes` (LLaVA-NeXT), the image's crops are reduced as the model reduces them and the selection holds
+    every crop's (`Selection.crops`)."""
     import torch
 
-    from .modeling.token_reduction import contextual_target_positions, visionzip_assignment
+    from .modeling.token_reduction import visionzip_assignment
 
     config = model.config
+    family_inputs = {} if image_sizes is None else {"image_sizes": image_sizes[:1]}
     with torch.inference_mode():
-        _, cls_attention, mean_keys = model.model.get_visionzip_layer_outputs(pixel_values[:1])
+        _, cls_attention, mean_keys = model.model.get_visionzip_layer_outputs(pixel_values[:1], **family_inputs)
         kept, rest, group = visionzip_assignment(
             cls_attention, mean_keys, config.dominant_tokens, config.contextual_tokens
         )
     patches = cls_attention.shape[1] - 1
-    grid = int(round(patches**0.5))
-    per_patch = [-1] * patches
-    for position, owner in zip(rest[0].tolist(), group[0].tolist()):
-        per_patch[position - 1] = owner
-    target_positions = contextual_target_positions(rest.shape[1], config.contextual_tokens) if config.contextual_tokens else []
-    targets = [rest[0, int(index)].item() - 1 for index in target_positions]
-    kept_patches = [position - 1 for position in kept[0].tolist() if position > 0]
+    crops = [_visionzip_crop(config, kept[i], rest[i], group[i], patches) for i in range(kept.shape[0])]
+    per_crop = config.dominant_tokens + config.contextual_tokens
+    what = (f"CLS + {len(crops[0].kept)} dominant patches outlined, {config.contextual_tokens} contextual tokens "
+            "(tint = merge group, dot = target)")
+    if image_sizes is None:
+        crops[0].description = f"VisionZip {config.dominant_tokens}+{config.contextual_tokens} = {per_crop} tokens " \
+                               f"of {patches + 1}: {what}"
+        return crops[0]
     return Selection(
-        method="visionzip", grid=grid, kept=kept_patches, group=per_patch, targets=targets,
-        tokens=config.dominant_tokens + config.contextual_tokens,
-        description=(
-            f"VisionZip {config.dominant_tokens}+{config.contextual_tokens} = "
-            f"{config.dominant_tokens + config.contextual_tokens} tokens of {patches + 1}: CLS + "
-            f"{len(kept_patches)} dominant patches outlined, {config.contextual_tokens} contextual tokens "
-            "(tint = merge group, dot = target)"
-        ),
+        method="visionzip", grid=crops[0].grid, kept=crops[0].kept, group=crops[0].group, targets=crops[0].targets,
+        tokens=len(crops) * per_crop, crops=crops,
+        description=(f"VisionZip {config.dominant_tokens}+{config.contextual_tokens} per crop x {len(crops)} crops "
+                     f"(base image left, grid right) = {len(crops) * per_crop} tokens; in every crop {what}"),
     )
 
 
@@ -135,105 +163,6 @@ def prumerge_selection(model, pixel_values) -> Selection:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Drawing
-
-
-@dataclass
-class Layout:
-    """Where things are in the rendered PNG (for tests and callers)."""
-
-    cell: int  # pixels per patch side
-    grid: int
-    left: tuple  # (x, y) of the image panel's top-left corner
-    right: tuple  # (x, y) of the annotated panel's top-left corner
-
-    def patch_box(self, patch: int, panel: str = "right") -> tuple:
-        """`(x0, y0, x1, y1)` of a patch in a panel, inclusive corners."""
-        x, y = self.right if panel == "right" else self.left
-        row, column = divmod(patch, self.grid)
-        return (x + column * self.cell, y + row * self.cell, x + (column + 1) * self.cell - 1, y + (row + 1) * self.cell - 1)
-
-
-def pixels_to_image(pixel_values, image_mean, image_std) -> np.ndarray:
-    """The model's input image back in `uint8` `[H, W, 3]` (undo the processor's normalisation)."""
-    array = pixel_values[0].float().cpu().numpy().transpose(1, 2, 0)
-    array = array * np.asarray(image_std, dtype=np.float32) + np.asarray(image_mean, dtype=np.float32)
-    return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def _group_colours(count: int) -> np.ndarray:
-    from matplotlib import colormaps
-
-    palette = colormaps["tab20"].colors if count > 10 else colormaps["tab10"].colors
-    return (np.asarray([palette[i % len(palette)] for i in range(max(count, 1))]) * 255.0).astype(np.float32)
-
-
-def _heat_colours(values: np.ndarray) -> np.ndarray:
-    from matplotlib import colormaps
-
-    return (colormaps["inferno"](values)[..., :3] * 255.0).astype(np.float32)
-
-
-def render(image: np.ndarray, selection: Selection, notice: str | None = None):
-    """Draw the selection over `image` (`uint8 [H, W, 3]`, the model's input). Returns `(PIL.Image, Layout)`."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    grid = selection.grid
-    cell = max(4, PANEL_TARGET // grid)
-    side = cell * grid
-    base = np.asarray(Image.fromarray(image).resize((side, side), Image.BICUBIC), dtype=np.float32)
-    overlay = base.copy()
-
-    def patch_slice(patch):
-        row, column = divmod(patch, grid)
-        return slice(row * cell, (row + 1) * cell), slice(column * cell, (column + 1) * cell)
-
-    # What is drawn follows what the selection carries (the registry's `show_picture` says it in words):
-    # merge groups are tinted, scores become a heat map, targets get a dot, kept patches an outline.
-    if selection.group is not None:
-        colours = _group_colours(len(selection.targets or []))
-        for patch, owner in enumerate(selection.group):
-            if owner >= 0:
-                rows, columns = patch_slice(patch)
-                overlay[rows, columns] = (1 - TINT_ALPHA) * overlay[rows, columns] + TINT_ALPHA * colours[owner]
-    if selection.scores is not None:
-        # Softmax scores span orders of magnitude: colour by log score so the whole range shows.
-        scores = np.log(np.clip(np.asarray(selection.scores, dtype=np.float64), 1e-30, None))
-        span = scores.max() - scores.min()
-        normalised = (scores - scores.min()) / span if span > 0 else np.zeros_like(scores)
-        heat = _heat_colours(normalised.reshape(grid, grid))
-        heat = np.kron(heat, np.ones((cell, cell, 1), dtype=np.float32))
-        overlay = (1 - HEAT_ALPHA) * overlay + HEAT_ALPHA * heat
-
-    width = 2 * side + 3 * GAP
-    height = HEADER_HEIGHT + side + GAP
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    layout = Layout(cell=cell, grid=grid, left=(GAP, HEADER_HEIGHT), right=(2 * GAP + side, HEADER_HEIGHT))
-    canvas.paste(Image.fromarray(base.round().astype(np.uint8)), layout.left)
-    canvas.paste(Image.fromarray(np.clip(overlay, 0, 255).round().astype(np.uint8)), layout.right)
-    draw = ImageDraw.Draw(canvas)
-    if selection.targets:
-        radius = max(2, cell // 5)
-        for target in selection.targets or []:
-            x0, y0, x1, y1 = layout.patch_box(target)
-            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
-            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(255, 255, 255), outline=(0, 0, 0))
-    for patch in selection.kept:
-        draw.rectangle(layout.patch_box(patch), outline=OUTLINE, width=OUTLINE_WIDTH)
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
-    lines = [selection.description, f"{selection.tokens} image tokens reach the language model"]
-    if notice:
-        lines.append(notice)
-    for index, line in enumerate(lines):
-        colour = (200, 0, 0) if notice and line == notice else (0, 0, 0)
-        draw.text((GAP, 4 + 16 * index), line, fill=colour, font=font)
-    return canvas, layout
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Models and inputs
 
 
@@ -257,6 +186,9 @@ def load_model(path: str, method, overrides: dict | None = None):
 
     method = get(method) if isinstance(method, str) else method
     model_type = AutoConfig.from_pretrained(path).model_type
+    family = family_of_model_type(model_type)
+    if family is not None:
+        method.classes(family.name)  # a method without classes for the checkpoint's family: ValueError
     if method.needs_clip_text_tower and model_type != method.model_type:
         raise ValueError(
             f"{path} is a {model_type!r} checkpoint: {method.label} needs the CLIP text tower of a {method.label} "
@@ -282,7 +214,8 @@ def _check_out(out, method: str) -> None:
 def show(image_path, method, question: str = DEFAULT_QUESTION, model_path=None, out="show.png",
          dominant_tokens=None, contextual_tokens=None, seed: int = 0, overrides: dict | None = None):
     """Render the picture for one image and method (a registry name or entry); returns `(path, Selection,
-    Layout)`. `overrides` are config fields of the method (its `options`); `dominant_tokens` and
+    Layout)` (a `show_crops.CropsLayout` for an image cut into crops, a LLaVA-NeXT checkpoint's). `overrides` are
+    config fields of the method (its `options`); `dominant_tokens` and
     `contextual_tokens` are VisionZip's, kept for existing callers and ignored by other methods."""
     import torch
     from PIL import Image
@@ -294,7 +227,8 @@ def show(image_path, method, question: str = DEFAULT_QUESTION, model_path=None, 
     overrides = {**{k: v for k, v in legacy.items() if v is not None and k in owned}, **(overrides or {})}
     foreign = sorted(set(overrides) - owned)
     if foreign:
-        raise ValueError(f"{method.label} has no setting {', '.join(foreign)}; its settings are {', '.join(sorted(owned))}")
+        raise ValueError(f"{method.label} has no setting {', '.join(foreign)}; its settings are "
+                         f"{', '.join(sorted(owned))}")
     if model_path:
         model, image_processor, processor = load_model(model_path, method, overrides)
         notice = None
@@ -309,11 +243,21 @@ def show(image_path, method, question: str = DEFAULT_QUESTION, model_path=None, 
                          f"{method.label} needs")
     dtype = next(model.model.vision_tower.parameters()).dtype
     pixel_values = torch.as_tensor(np.asarray(inputs["pixel_values"])).to(dtype)
-    selection = method.show_selection_function(model, pixel_values, **{name: inputs[name] for name in method.side_inputs})
+    # The family's per-image inputs (LLaVA-NeXT's image sizes) and the method's (TRIM's question) go with the pixels.
+    family = family_of_model_type(model.config.model_type) or FAMILIES["llava"]
+    inputs_of = (*family.side_inputs, *method.side_inputs)
+    selection = method.show_selection_function(model, pixel_values, **{name: inputs[name] for name in inputs_of})
     if method.side_inputs:  # the picture depends on the question
         selection.description += f'; question: "{question[:60]}"'
-    image = pixels_to_image(pixel_values, image_processor.image_mean, image_processor.image_std)
-    canvas, layout = render(image, selection, notice)
+    mean, std = image_processor.image_mean, image_processor.image_std
+    if selection.crops is not None:  # an image cut into crops: each crop where it lies
+        from .show_crops import render_crops
+
+        crop_grid = family.crop_layouts(inputs["image_sizes"][:1], model.config)[0].grid
+        crops = [pixels_to_image(pixel_values[0][index:index + 1], mean, std) for index in range(len(selection.crops))]
+        canvas, layout = render_crops(crops, selection, crop_grid, notice)
+    else:
+        canvas, layout = render(pixels_to_image(pixel_values, mean, std), selection, notice)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)

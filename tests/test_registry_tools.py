@@ -41,8 +41,7 @@ def test_model_card_comes_from_the_registry_entry(extra_method):
     # Re-label the VisionZip type as the copy's: the card follows whatever entry owns the model_type.
     copy = dataclasses.replace(extra_method, model_type="llava_visionzip")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("llava_token_reduction.conversion.model_card.for_model_type",
-                      lambda model_type: copy if model_type == copy.model_type else None)
+        patch.setitem(METHODS, "visionzip", copy)
         card = render_model_card(config, repo_id="someone/zip")
     assert "llava-token-reduction convert zipcopy" in card
 
@@ -58,7 +57,7 @@ def test_card_fields_function_must_fill_the_declared_fields(monkeypatch):
 
     # VisionZip's entry with a fields function that fills only the title and intro.
     broken = dataclasses.replace(METHODS["visionzip"], card_fields_reference=f"{__name__}:_title_only")
-    monkeypatch.setattr("llava_token_reduction.conversion.model_card.for_model_type", lambda model_type: broken)
+    monkeypatch.setitem(METHODS, "visionzip", broken)
     with pytest.raises(ValueError, match="card fields lack"):
         render_model_card(LlavaVisionZipConfig(**llava_config_kwargs()), repo_id="someone/zip")
 
