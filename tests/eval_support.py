@@ -10,10 +10,10 @@ import os
 
 import numpy as np
 import torch
-from conftest import _spread_vision_weights
 from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from conftest import _spread_vision_weights
 from llava_token_reduction import (
     LlavaTrimConfig,
     LlavaTrimForConditionalGeneration,
@@ -147,4 +147,5 @@ def save_trim_checkpoint(directory, seed: int = 0) -> str:
 
 def save_stock_checkpoint(directory, seed: int = 0) -> str:
     torch.manual_seed(seed)
-    return _saved(LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs())), build_processor(), directory, seed)
+    stock = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs()))
+    return _saved(stock, build_processor(), directory, seed)

@@ -23,6 +23,7 @@ from llava_token_reduction import (
 )
 from llava_token_reduction.tiny import build_processor, build_trim_processor, llava_config_kwargs, trim_config_kwargs
 
+
 THREADS = 8
 ROUNDS = 4
 IMAGES = 12
@@ -64,7 +65,8 @@ def _jobs(processor, pictures):
         start += size
         prompt = "USER: " + "<image>\n" * size + f"{questions[number % len(questions)]} ASSISTANT:"
         inputs = processor(images=images, text=[prompt], return_tensors="pt")
-        feature_inputs = {k: inputs[k] for k in ("pixel_values", "clip_input_ids", "clip_attention_mask") if k in inputs}
+        feature_inputs = {k: inputs[k] for k in ("pixel_values", "clip_input_ids", "clip_attention_mask")
+                          if k in inputs}
         jobs.append((feature_inputs, dict(inputs)))
     return jobs
 

@@ -19,7 +19,9 @@ from llava_token_reduction.tiny import llava_config_kwargs, trim_config_kwargs
 
 def _config(method, **overrides):
     if method == "visionzip":
-        return LlavaVisionZipConfig(**{**llava_config_kwargs(), "dominant_tokens": 10, "contextual_tokens": 4, **overrides})
+        return LlavaVisionZipConfig(
+            **{**llava_config_kwargs(), "dominant_tokens": 10, "contextual_tokens": 4, **overrides}
+        )
     return LlavaTrimConfig(**{**trim_config_kwargs(), **overrides})
 
 
@@ -47,7 +49,8 @@ def test_multi_layer_vision_feature_layer_is_refused_as_a_load_time_override(met
 _SCALARS = {
     "visionzip": {"dominant_tokens": np.int64(8), "contextual_tokens": torch.tensor(3), "visionzip_layer": np.int32(-1),
                   "vision_feature_layer": np.int64(-3)},
-    "trim": {"trim_max_tokens": np.int64(20), "trim_min_tokens": torch.tensor(2), "trim_iqr_multiplier": np.float32(2.5),
+    "trim": {"trim_max_tokens": np.int64(20), "trim_min_tokens": torch.tensor(2),
+             "trim_iqr_multiplier": np.float32(2.5),
              "trim_negate_similarity": np.bool_(False), "trim_batch_coupled": torch.tensor(True),
              "projection_dim": np.int64(16)},
 }

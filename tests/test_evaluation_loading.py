@@ -51,8 +51,10 @@ def test_invalid_budget_is_refused(saved):
 def test_stock_checkpoint_loads_unreduced_or_reduced(saved):
     baseline = load_for_evaluation(saved["stock"])
     assert baseline.method is None and type(baseline.model).__name__ == "LlavaForConditionalGeneration"
-    reduced = load_for_evaluation(saved["stock"], method="visionzip", overrides={"dominant_tokens": 6, "contextual_tokens": 2})
-    assert reduced.method.name == "visionzip" and type(reduced.model).__name__ == "LlavaVisionZipForConditionalGeneration"
+    reduced = load_for_evaluation(saved["stock"], method="visionzip",
+                                  overrides={"dominant_tokens": 6, "contextual_tokens": 2})
+    assert reduced.method.name == "visionzip"
+    assert type(reduced.model).__name__ == "LlavaVisionZipForConditionalGeneration"
     assert reduced.model.config.dominant_tokens == 6
     for name, tensor in baseline.model.state_dict().items():
         assert torch.equal(tensor, reduced.model.state_dict()[name]), name
@@ -156,7 +158,8 @@ def test_stock_llava_next_checkpoint_evaluates_reduced_without_type_warnings(tmp
     assert not [m for m in messages if "to instantiate a model of type" in m], messages
     runner = ReducedLlavaRunner(loaded)
     images = [Image.new("RGB", (90, 50), (200, 10, 10)), Image.new("RGB", (40, 120), (10, 200, 10))]
-    prompts = [prompt_from_text("<image>\nWhat is it?", [images[0]]), prompt_from_text("<image>\nWhat color?", [images[1]])]
+    prompts = [prompt_from_text("<image>\nWhat is it?", [images[0]]),
+               prompt_from_text("<image>\nWhat color?", [images[1]])]
     batched = runner.generate(prompts, {"max_new_tokens": 5})
     alone = [runner.generate([prompt], {"max_new_tokens": 5})[0] for prompt in prompts]
     assert [text for text, _ in batched] == [text for text, _ in alone]

@@ -9,9 +9,9 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from llava_token_reduction.methods import METHODS
 from methods_under_test import METHOD_NAMES, build_method, image_features
 
-from llava_token_reduction.methods import METHODS
 
 NEW_TOKENS = 5
 PROMPT = "USER: <image>\nWhat is shown here? ASSISTANT:"

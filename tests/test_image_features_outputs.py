@@ -13,6 +13,7 @@ from llava_token_reduction import (
 )
 from llava_token_reduction.tiny import TEST_SHAPE, build_clip_tokenizer, llava_config_kwargs, trim_config_kwargs
 
+
 _CLIP_ONLY = ("clip_text_model.", "visual_projection.")
 
 

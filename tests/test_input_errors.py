@@ -12,7 +12,14 @@ from llava_token_reduction import (
     LlavaVisionZipConfig,
     LlavaVisionZipForConditionalGeneration,
 )
-from llava_token_reduction.tiny import TEST_SHAPE, build_clip_tokenizer, build_processor, llava_config_kwargs, trim_config_kwargs
+from llava_token_reduction.tiny import (
+    TEST_SHAPE,
+    build_clip_tokenizer,
+    build_processor,
+    llava_config_kwargs,
+    trim_config_kwargs,
+)
+
 
 SIZE = TEST_SHAPE.image_size
 
@@ -64,12 +71,14 @@ def test_images_of_another_size_name_the_size_the_model_needs(models, method, si
 def test_a_single_image_without_batch_dimension_is_named_as_such(models, method):
     model = models[method]
     extra = _clip(1) if method == "trim" else {}
-    prompt = build_processor()(images=Image.new("RGB", (64, 64)), text="USER: <image>\nhi ASSISTANT:", return_tensors="pt")
+    prompt = build_processor()(images=Image.new("RGB", (64, 64)), text="USER: <image>\nhi ASSISTANT:",
+                               return_tensors="pt")
     pixel_values = prompt.pop("pixel_values")[0]  # [3, H, W]
     for call in (lambda: model.model.get_image_features(pixel_values=pixel_values, **extra),
                  lambda: model.generate(**prompt, pixel_values=pixel_values, max_new_tokens=1, **extra),
                  lambda: model(**prompt, pixel_values=pixel_values, **extra)):
-        with _NoCompute(model), pytest.raises(ValueError, match=r"\(3, 56, 56\).*one image without the batch dimension"):
+        message = r"\(3, 56, 56\).*one image without the batch dimension"
+        with _NoCompute(model), pytest.raises(ValueError, match=message):
             call()
 
 
@@ -77,16 +86,19 @@ _IDS = _clip(2)
 
 
 @pytest.mark.parametrize("inputs, error, message", [
-    pytest.param({"clip_input_ids": _IDS["clip_input_ids"], "clip_attention_mask": torch.zeros(2, 77, dtype=torch.long)},
+    pytest.param({"clip_input_ids": _IDS["clip_input_ids"],
+                  "clip_attention_mask": torch.zeros(2, 77, dtype=torch.long)},
                  ValueError, r"`clip_attention_mask` rows \[0, 1\] attend no token", id="all-zero-mask"),
     pytest.param({"clip_input_ids": _IDS["clip_input_ids"],
-                  "clip_attention_mask": torch.cat([_IDS["clip_attention_mask"][:1], torch.zeros(1, 77, dtype=torch.long)])},
+                  "clip_attention_mask": torch.cat([_IDS["clip_attention_mask"][:1],
+                                                     torch.zeros(1, 77, dtype=torch.long)])},
                  ValueError, r"rows \[1\] attend no token", id="one-zero-row"),
     pytest.param({"clip_input_ids": torch.zeros(2, 0, dtype=torch.long), "clip_attention_mask": torch.zeros(2, 0)},
                  ValueError, r"`clip_input_ids` rows are empty.*BOS and EOS", id="empty"),
     pytest.param({"clip_input_ids": _IDS["clip_input_ids"] + 10_000}, ValueError,
                  r"CLIP token ids in \[0, 513\].*got values from", id="out-of-vocabulary"),
-    pytest.param({"clip_input_ids": -_IDS["clip_input_ids"]}, ValueError, r"CLIP token ids in \[0, 513\]", id="negative"),
+    pytest.param({"clip_input_ids": -_IDS["clip_input_ids"]}, ValueError, r"CLIP token ids in \[0, 513\]",
+                 id="negative"),
     pytest.param({"clip_input_ids": _IDS["clip_input_ids"].float()}, TypeError, r"integer token ids.*torch.float32",
                  id="float"),
 ])

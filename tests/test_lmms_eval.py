@@ -82,7 +82,8 @@ def runs(eval_python, offline):
                    ",".join(tasks), "--include_path", offline["tasks"], "--batch_size", str(batch),
                    "--output_path", str(out), "--log_samples", *extra]
         log = open(root / f"log_{name}.txt", "w")
-        processes[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root), log, out, stats)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+        processes[name] = (process, log, out, stats)
     deadline = time.monotonic() + RUN_TIMEOUT
     results = {}
     try:
@@ -205,7 +206,8 @@ def test_loglikelihood_equals_the_labels_loss(runs, offline):
     assert "acc,none" in json.load(open(run["results"]))["results"][CHOICE]
     # The same --force_simple run also generated, through the simple interface.
     for index, record in samples(run, GEN).items():
-        assert record["filtered_resps"] == direct_answer(offline["trim"], support.doc_images(offline, index), question(index))
+        expected = direct_answer(offline["trim"], support.doc_images(offline, index), question(index))
+        assert record["filtered_resps"] == expected
 
 
 def test_stock_checkpoint_reduced_at_load_time_with_overrides(runs, offline):
@@ -216,11 +218,14 @@ def test_stock_checkpoint_reduced_at_load_time_with_overrides(runs, offline):
     assert row.image_tokens_per_image == 8 and row.placeholders_per_image == 64  # 6 + 2 of 64, from model_args
     from llava_token_reduction import LlavaVisionZipForConditionalGeneration
 
-    reduced = LlavaVisionZipForConditionalGeneration.from_pretrained(offline["stock"], dominant_tokens=6, contextual_tokens=2).eval()
+    reduced = LlavaVisionZipForConditionalGeneration.from_pretrained(
+        offline["stock"], dominant_tokens=6, contextual_tokens=2
+    ).eval()
     _, processor = load(offline["stock"])
     _loaded[offline["stock"] + "#vz"] = (reduced, processor)
     for index, record in samples(run, GEN).items():
-        assert record["filtered_resps"] == direct_answer(offline["stock"] + "#vz", support.doc_images(offline, index), question(index))
+        expected = direct_answer(offline["stock"] + "#vz", support.doc_images(offline, index), question(index))
+        assert record["filtered_resps"] == expected
 
 
 def test_stock_checkpoint_refused_under_a_reduction_name(runs):
@@ -251,7 +256,8 @@ def test_summary_table_on_the_offline_task(runs, offline):
     trim, processor = load(offline["trim"])
     for record in kept[GEN]:
         index = record["doc_id"]
-        inputs = processor(images=support.doc_images(offline, index), text="<image>", clip_text=question(index), return_tensors="pt")
+        inputs = processor(images=support.doc_images(offline, index), text="<image>", clip_text=question(index),
+                           return_tensors="pt")
         features = trim.model.get_image_features(
             pixel_values=inputs["pixel_values"], clip_input_ids=inputs["clip_input_ids"],
             clip_attention_mask=inputs["clip_attention_mask"],
@@ -277,7 +283,8 @@ def test_paper_table_on_the_offline_task(runs, tmp_path):
     paper = _paper_script()
     benchmark = paper.Benchmark("OFF", GEN, ("exact_match",))
     settings = [paper.Setting("base", "VisionZip 10+4", "llava_visionzip", "", {"OFF": 50.0}),
-                paper.Setting("small", "stock as VisionZip 6+2", "llava_token_reduction", "", {"OFF": 40.0}, note="offline")]
+                paper.Setting("small", "stock as VisionZip 6+2", "llava_token_reduction", "", {"OFF": 40.0},
+                              note="offline")]
     for setting, name in zip(settings, ("visionzip_b4", "stock_as_visionzip")):
         run = completed(runs, name)
         os.makedirs(tmp_path / setting.key)
@@ -299,7 +306,8 @@ def test_paper_commands():
     command = paper.lmms_eval_command(setting, paper.LLAVA15_BENCHMARKS, "/runs", python="py", num_processes=8)
     assert command[:5] == ["py", "-m", "accelerate.commands.launch", "--num_processes=8", "-m"]
     args = command[command.index("--model_args") + 1]
-    assert "method=visionzip,dominant_tokens=108,contextual_tokens=20" in args and "stats_path=/runs/visionzip-128/" in args
+    assert "method=visionzip,dominant_tokens=108,contextual_tokens=20" in args
+    assert "stats_path=/runs/visionzip-128/" in args
     assert command[command.index("--tasks") + 1].split(",")[:3] == ["gqa", "mmbench_en_dev", "mme"]
     [trim] = [s for s in paper.LLAVA15_SETTINGS if s.key == "trim"]
     trim_command = paper.lmms_eval_command(trim, paper.LLAVA15_BENCHMARKS, "/r", trim_checkpoint="/ckpt/trim")

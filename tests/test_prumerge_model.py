@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import assert_ships_only, save_checkpoint
 from PIL import Image
 from transformers import AutoModelForImageTextToText, pipeline
 
+from conftest import assert_ships_only, save_checkpoint
 from llava_token_reduction import LlavaPruMergeConfig, LlavaPruMergeForConditionalGeneration, show
 from llava_token_reduction.conversion.cli import main as conversion_main
 from llava_token_reduction.tiny import build_method_model, build_processor, llava_config_kwargs

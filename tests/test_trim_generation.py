@@ -8,18 +8,19 @@ placeholders per image, the TRIM features placed there.
 import numpy as np
 import pytest
 import torch
-from llava_token_reduction.modeling.reduced_generation import PLAN_ATTRIBUTE
 from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration, pipeline
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from llava_token_reduction import LlavaTrimConfig, LlavaTrimForConditionalGeneration
+from llava_token_reduction.modeling.reduced_generation import PLAN_ATTRIBUTE
 from llava_token_reduction.tiny import (
     build_llm_tokenizer,
     build_trim_processor,
     llava_config_kwargs,
     trim_config_kwargs,
 )
+
 
 NEW_TOKENS = 5
 

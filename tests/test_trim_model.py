@@ -6,14 +6,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from conftest import assert_ships_only, save_checkpoint
-from test_trim_algorithm import reference_trim
 from transformers import (
     AutoModel,
     AutoModelForImageTextToText,
     CLIPTextModelWithProjection,
 )
 
+from conftest import assert_ships_only, save_checkpoint
 from llava_token_reduction import (
     LlavaTrimConfig,
     LlavaTrimForConditionalGeneration,
@@ -25,6 +24,8 @@ from llava_token_reduction.tiny import (
     clip_text_config,
     llava_config_kwargs,
 )
+from test_trim_algorithm import reference_trim
+
 
 QUESTIONS = ["what color is the car", "how many dogs are there", "", "is it raining in the picture"]
 

@@ -1,7 +1,7 @@
 """VisionZip inside the model: parity with an independent reference, sdpa kept, outputs, checkpoints.
 
-The reference (tests/visionzip_reference.py) is written from ALGORITHMS.md §1.2 with plain loops over one image at a time. It takes
-its attention maps from an *eager* copy of the vision tower (`output_attentions=True`) and recomputes the
+The reference (tests/visionzip_reference.py) is written from ALGORITHMS.md §1.2 with plain loops over one image at a
+time. It takes its attention maps from an *eager* copy of the vision tower (`output_attentions=True`) and recomputes the
 keys as `k_proj(layer_norm1(layer input))`; it calls nothing from `token_reduction.py`.
 """
 
@@ -16,14 +16,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from transformers.models.clip.modeling_clip import CLIPAttention
-from conftest import assert_ships_only
-from visionzip_reference import eager_tower_outputs, reference_projection, reference_visionzip
 
+from conftest import assert_ships_only
 from llava_token_reduction import (
     LlavaVisionZipConfig,
     LlavaVisionZipForConditionalGeneration,
     LlavaVisionZipModel,
 )
+from visionzip_reference import eager_tower_outputs, reference_projection, reference_visionzip
 
 
 # Parity ----------------------------------------------------------------------------------------------
@@ -489,7 +489,8 @@ def test_explicit_device_map_gives_the_same_features(visionzip_checkpoint_dir, p
 
 
 def test_bfloat16_load_runs(visionzip_checkpoint_dir, plain_features):
-    model = LlavaVisionZipForConditionalGeneration.from_pretrained(visionzip_checkpoint_dir, dtype=torch.bfloat16).eval()
+    model = LlavaVisionZipForConditionalGeneration.from_pretrained(visionzip_checkpoint_dir,
+                                                                   dtype=torch.bfloat16).eval()
     assert model.model.vision_tower.embeddings.patch_embedding.weight.dtype == torch.bfloat16
     pixel_values, expected = plain_features
     with torch.no_grad():
