@@ -24,6 +24,10 @@ Overview
 - `visionzip_model` / `visionzip_checkpoint_dir`
                                 a VisionZip model (10+4, spread weights) and its `save_pretrained` directory
                                 (with the processor).
+- `saved_methods`               per name of `methods_under_test.METHOD_NAMES`, a `MethodSetup`: the shared tests'
+                                model of that method (`build_method`), its processor, its stock twin and its
+                                `save_pretrained` directory (with the processor).
+- `method_setup`                the same, one method per parametrization (tests that use it run per method).
 - `run_isolated_python(script, workdir)`
                                 runs a Python script in a fresh process with `HF_HUB_OFFLINE=1`, a private
                                 `HF_MODULES_CACHE` and `llava_token_reduction` made unimportable.
@@ -33,6 +37,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -40,6 +45,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llava_token_reduction import LlavaVisionZipConfig, LlavaVisionZipForConditionalGeneration
 from llava_token_reduction.tiny import TEST_SHAPE, build_processor, llava_config_kwargs
+from methods_under_test import METHOD_NAMES, build_method
 from methods_under_test import spread_weights as _spread_vision_weights
 
 
@@ -134,6 +140,32 @@ def visionzip_model(make_visionzip_model):
 @pytest.fixture(scope="session")
 def visionzip_checkpoint_dir(visionzip_model, tiny_processor, tmp_path_factory):
     return save_checkpoint(visionzip_model, tiny_processor, tmp_path_factory.mktemp("visionzip_checkpoint"))
+
+
+@dataclass(frozen=True)
+class MethodSetup:
+    """What the shared behaviour tests use of one method (read-only: build your own to change it)."""
+
+    name: str
+    model: torch.nn.Module
+    processor: object
+    stock: LlavaForConditionalGeneration
+    directory: object  # the saved checkpoint (model + processor)
+
+
+@pytest.fixture(scope="session")
+def saved_methods(tmp_path_factory):
+    setups = {}
+    for name in METHOD_NAMES:
+        model, processor, stock = build_method(name)
+        directory = save_checkpoint(model, processor, tmp_path_factory.mktemp(f"{name}_shared"))
+        setups[name] = MethodSetup(name, model, processor, stock, directory)
+    return setups
+
+
+@pytest.fixture(scope="session", params=METHOD_NAMES)
+def method_setup(request, saved_methods):
+    return saved_methods[request.param]
 
 
 # What every reduced-LLaVA checkpoint ships besides its method's own files: the LLaVA-1.5 family, what every

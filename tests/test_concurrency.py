@@ -16,12 +16,10 @@ import torch
 from PIL import Image
 
 from llava_token_reduction import (
-    LlavaTrimConfig,
-    LlavaTrimForConditionalGeneration,
     LlavaVisionZipConfig,
     LlavaVisionZipForConditionalGeneration,
 )
-from llava_token_reduction.tiny import build_processor, build_trim_processor, llava_config_kwargs, trim_config_kwargs
+from llava_token_reduction.tiny import build_method_model, build_processor, build_trim_processor, llava_config_kwargs
 
 
 THREADS = 8
@@ -47,7 +45,7 @@ def _build(method, spread_vision_weights):
         spread = [model.model.vision_tower]
     else:
         processor = build_trim_processor()
-        model = LlavaTrimForConditionalGeneration(LlavaTrimConfig(**trim_config_kwargs(tokenizer=processor.tokenizer)))
+        model = build_method_model("trim", processor=processor)
         spread = [model.model.vision_tower, model.model.visual_projection, model.model.clip_text_model]
     for module in spread:
         spread_vision_weights(module, seed=1)

@@ -14,7 +14,7 @@ from llava_token_reduction import (
     LlavaVisionZipConfig,
     LlavaVisionZipForConditionalGeneration,
 )
-from llava_token_reduction.tiny import llava_config_kwargs, trim_config_kwargs
+from llava_token_reduction.tiny import llava_config_kwargs, method_config_kwargs
 
 
 def _config(method, **overrides):
@@ -22,7 +22,7 @@ def _config(method, **overrides):
         return LlavaVisionZipConfig(
             **{**llava_config_kwargs(), "dominant_tokens": 10, "contextual_tokens": 4, **overrides}
         )
-    return LlavaTrimConfig(**{**trim_config_kwargs(), **overrides})
+    return LlavaTrimConfig(**{**method_config_kwargs("trim"), **overrides})
 
 
 @pytest.mark.parametrize("method", ["visionzip", "trim"])

@@ -6,12 +6,10 @@ import torch
 from transformers import LlavaConfig, LlavaModel
 
 from llava_token_reduction import (
-    LlavaTrimConfig,
-    LlavaTrimForConditionalGeneration,
     LlavaVisionZipConfig,
     LlavaVisionZipForConditionalGeneration,
 )
-from llava_token_reduction.tiny import TEST_SHAPE, build_clip_tokenizer, llava_config_kwargs, trim_config_kwargs
+from llava_token_reduction.tiny import TEST_SHAPE, build_clip_tokenizer, build_method_model, llava_config_kwargs
 
 
 _CLIP_ONLY = ("clip_text_model.", "visual_projection.")
@@ -24,7 +22,7 @@ def _models(method, attention="sdpa"):
         ours = LlavaVisionZipForConditionalGeneration(config).eval()
         extra = {}
     else:
-        ours = LlavaTrimForConditionalGeneration(LlavaTrimConfig(**trim_config_kwargs())).eval()
+        ours = build_method_model("trim")
         encoded = build_clip_tokenizer()(["a cat", "what is it"], padding="max_length", max_length=77,
                                           return_tensors="pt")
         extra = {"clip_input_ids": encoded["input_ids"], "clip_attention_mask": encoded["attention_mask"]}

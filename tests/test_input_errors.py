@@ -6,18 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_token_reduction import (
-    LlavaTrimConfig,
-    LlavaTrimForConditionalGeneration,
-    LlavaVisionZipConfig,
-    LlavaVisionZipForConditionalGeneration,
-)
 from llava_token_reduction.tiny import (
     TEST_SHAPE,
     build_clip_tokenizer,
+    build_method_model,
     build_processor,
-    llava_config_kwargs,
-    trim_config_kwargs,
 )
 
 
@@ -27,11 +20,8 @@ SIZE = TEST_SHAPE.image_size
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    tokenizer = build_processor().tokenizer
-    visionzip = LlavaVisionZipForConditionalGeneration(
-        LlavaVisionZipConfig(**llava_config_kwargs(tokenizer=tokenizer), dominant_tokens=10, contextual_tokens=4)
-    ).eval()
-    trim = LlavaTrimForConditionalGeneration(LlavaTrimConfig(**trim_config_kwargs(tokenizer=tokenizer))).eval()
+    visionzip = build_method_model("visionzip", dominant_tokens=10, contextual_tokens=4)
+    trim = build_method_model("trim")
     return {"visionzip": visionzip, "trim": trim}
 
 
