@@ -6,12 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
+from llava_token_reduction.methods import METHODS
 from llava_token_reduction.tiny import (
     TEST_SHAPE,
     build_clip_tokenizer,
     build_method_model,
     build_processor,
 )
+from methods_under_test import METHOD_FIELDS, METHOD_NAMES
 
 
 SIZE = TEST_SHAPE.image_size
@@ -19,15 +21,17 @@ SIZE = TEST_SHAPE.image_size
 
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(0)
-    visionzip = build_method_model("visionzip", dominant_tokens=10, contextual_tokens=4)
-    trim = build_method_model("trim")
-    return {"visionzip": visionzip, "trim": trim}
+    return {name: build_method_model(name, seed=0, **METHOD_FIELDS[name]) for name in METHOD_NAMES}
 
 
 def _clip(batch):
     encoded = build_clip_tokenizer()(["what is it"] * batch, padding="max_length", max_length=77, return_tensors="pt")
     return {"clip_input_ids": encoded["input_ids"], "clip_attention_mask": encoded["attention_mask"]}
+
+
+def _side_inputs(method, batch):
+    """The per-image inputs `method` needs besides the pixels (TRIM's CLIP question rows)."""
+    return {key: value for key, value in _clip(batch).items() if key in METHODS[method].side_inputs}
 
 
 class _NoCompute:
@@ -48,19 +52,19 @@ class _NoCompute:
         assert self.calls == [], "a tower ran before the error"
 
 
-@pytest.mark.parametrize("method", ["visionzip", "trim"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 @pytest.mark.parametrize("size", [2 * SIZE, SIZE - TEST_SHAPE.patch_size])
 def test_images_of_another_size_name_the_size_the_model_needs(models, method, size):
     model = models[method]
-    extra = _clip(1) if method == "trim" else {}
+    extra = _side_inputs(method, 1)
     with _NoCompute(model), pytest.raises(ValueError, match=rf"must be {SIZE}x{SIZE} pixels.*got {size}x{size}"):
         model.model.get_image_features(pixel_values=torch.zeros(1, 3, size, size), **extra)
 
 
-@pytest.mark.parametrize("method", ["visionzip", "trim"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_a_single_image_without_batch_dimension_is_named_as_such(models, method):
     model = models[method]
-    extra = _clip(1) if method == "trim" else {}
+    extra = _side_inputs(method, 1)
     prompt = build_processor()(images=Image.new("RGB", (64, 64)), text="USER: <image>\nhi ASSISTANT:",
                                return_tensors="pt")
     pixel_values = prompt.pop("pixel_values")[0]  # [3, H, W]
