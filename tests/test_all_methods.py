@@ -141,9 +141,13 @@ def test_multi_turn_with_the_cache_reduces_only_the_new_image_and_equals_from_sc
     finally:
         handle.remove()
     assert calls == [1], "the cached image must not be reduced again"
-    assert len(getattr(first.cache, PLAN_ATTRIBUTE).kept_tokens[0]) == 2
+    plan = getattr(first.cache, PLAN_ATTRIBUTE)
+    assert len(plan.kept_tokens[0]) == 2
+    # From scratch, each image with its own turn's inputs (TRIM: the question of its own turn).
     scratch = model.generate(input_ids=history, **all_images, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert continued[0, history.shape[1]:].tolist() == scratch[0, history.shape[1]:].tolist()
+    first_count = len(image_features(model, inputs, method_setup.name)[0])
+    assert plan.kept_tokens[0][0] == first_count, "the first image keeps the count chosen in its own turn"
 
 
 # Loading: half precision, device_map -------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """TRIM through the shared generation mechanism, what only TRIM does: images of one batch keep different counts,
-each image is scored against the question of the turn that brings it (also over a multi-turn cache), the CLIP
-inputs are required. Generate == stock LLaVA on the reduced prompt, batch == alone, multi-turn with the cache and
-the pipeline run for every method in tests/test_all_methods.py and tests/test_pipeline.py.
+each image is scored against the question of the turn that brings it, the CLIP inputs are required; and the inner
+model and `torch.compile` on TRIM's side inputs. Generate == stock LLaVA on the reduced prompt, batch == alone,
+multi-turn with the cache and the pipeline run for every method in tests/test_all_methods.py and
+tests/test_pipeline.py.
 
 Reference: stock `LlavaModel` with the same weights on a prompt with exactly `k_i` placeholders per image, the
 TRIM features placed there.
@@ -14,7 +15,6 @@ from PIL import Image
 from transformers import LlavaModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from llava_token_reduction.modeling.reduced_generation import PLAN_ATTRIBUTE
 from llava_token_reduction.tiny import build_trim_processor
 from methods_under_test import method_model, stock_twin
 
@@ -57,35 +57,13 @@ def test_images_of_one_batch_keep_different_counts(model, processor):
     assert len(set(counts)) > 1, f"the images should keep different counts, got {counts}"
 
 
-def test_multi_turn_keeps_each_images_question_and_reuses_the_cache(model, processor):
-    first_turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the car?"}]}]
-    prompt_one = processor.apply_chat_template(first_turn, add_generation_prompt=True)
-    inputs = processor(images=[picture(7)], text=[prompt_one], return_tensors="pt")
-    first = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
-
-    # The contract's history: the previous output unchanged, then the new turn (here with a new image).
+def test_a_new_turn_brings_its_own_question_to_clip(processor):
+    """In a history, the CLIP rows of a new turn's image hold that turn's question, not an earlier one (the shared
+    multi-turn test in tests/test_all_methods.py then checks the cached first image keeps its own count)."""
     new_turn = processor(images=[picture(8)], text=[" USER: <image>\nand how many dogs are there? ASSISTANT:"],
                          return_tensors="pt", add_special_tokens=False)
     questions = processor.clip_tokenizer.batch_decode(new_turn["clip_input_ids"], skip_special_tokens=True)
     assert "dogs" in questions[0] and "car" not in questions[0]
-    history = torch.cat([first.sequences, new_turn["input_ids"]], dim=1)
-    all_images = {
-        "pixel_values": torch.cat([inputs["pixel_values"], new_turn["pixel_values"]]),
-        "clip_input_ids": torch.cat([inputs["clip_input_ids"], new_turn["clip_input_ids"]]),
-        "clip_attention_mask": torch.cat([inputs["clip_attention_mask"], new_turn["clip_attention_mask"]]),
-    }
-    continued = model.generate(input_ids=history, **all_images, cache=first.cache,
-                               max_new_tokens=NEW_TOKENS, do_sample=False)
-    plan = getattr(first.cache, PLAN_ATTRIBUTE)
-    assert len(plan.kept_tokens[0]) == 2
-
-    # From scratch, each image with the question of its own turn.
-    scratch = model.generate(input_ids=history, **all_images, max_new_tokens=NEW_TOKENS, do_sample=False)
-    assert continued[0, history.shape[1]:].tolist() == scratch[0, history.shape[1]:].tolist()
-    first_kept = model.model.get_image_features(
-        pixel_values=inputs["pixel_values"], clip_input_ids=inputs["clip_input_ids"],
-        clip_attention_mask=inputs["clip_attention_mask"]).pooler_output[0].shape[0]
-    assert plan.kept_tokens[0][0] == first_kept, "the first image keeps the count chosen with its own question"
 
 
 def test_missing_clip_inputs_raise_before_compute(model, processor):
