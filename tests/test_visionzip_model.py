@@ -2,7 +2,7 @@
 
 The reference (tests/visionzip_reference.py) is written from ALGORITHMS.md §1.2 with plain loops over one image at a
 time. It takes its attention maps from an *eager* copy of the vision tower (`output_attentions=True`) and recomputes the
-keys as `k_proj(layer_norm1(layer input))`; it calls nothing from `token_reduction.py`.
+keys as `k_proj(layer_norm1(layer input))`; it calls nothing from the code under test.
 """
 
 import json
