@@ -14,7 +14,8 @@ Overview
                                 redraws the vision tower with `spread_vision_weights` (peaked attention).
 - `spread_vision_weights(module, seed)`
                                 redraws a module's weights with large, seeded values so that CLS attention is
-                                far from uniform and top-k / argmax choices have clear margins.
+                                far from uniform and top-k / argmax choices have clear margins
+                                (`methods_under_test.spread_weights`, also used by its one model builder).
 - `make_pixel_values(batch=1, size=None, seed=0)`
                                 seeded `[batch, 3, size, size]` fp32 pixels (size defaults to the tiny image).
 - `tiny_processor`              a stock `LlavaProcessor` for the tiny shape (64 placeholders per image).
@@ -23,6 +24,10 @@ Overview
 - `visionzip_model` / `visionzip_checkpoint_dir`
                                 a VisionZip model (10+4, spread weights) and its `save_pretrained` directory
                                 (with the processor).
+- `saved_methods`               per name of `methods_under_test.METHOD_NAMES`, a `MethodSetup`: the shared tests'
+                                model of that method (`build_method`), its processor, its stock twin and its
+                                `save_pretrained` directory (with the processor).
+- `method_setup`                the same, one method per parametrization (tests that use it run per method).
 - `run_isolated_python(script, workdir)`
                                 runs a Python script in a fresh process with `HF_HUB_OFFLINE=1`, a private
                                 `HF_MODULES_CACHE` and `llava_token_reduction` made unimportable.
@@ -32,6 +37,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -39,6 +45,8 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from llava_token_reduction import LlavaVisionZipConfig, LlavaVisionZipForConditionalGeneration
 from llava_token_reduction.tiny import TEST_SHAPE, build_processor, llava_config_kwargs
+from methods_under_test import METHOD_NAMES, build_method
+from methods_under_test import spread_weights as _spread_vision_weights
 
 
 # Tiny models spend their time in thread hand-offs, not arithmetic: on a busy 2-core machine one intra-op
@@ -50,31 +58,6 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 # The budget of the shared VisionZip fixtures: 10 kept (CLS + 9 patches) + 4 merged = 14 tokens per image.
 VISIONZIP_TEST_BUDGET = {"dominant_tokens": 10, "contextual_tokens": 4}
-
-
-def _spread_vision_weights(module: torch.nn.Module, seed: int = 1, qk_gain: float = 2.5) -> torch.nn.Module:
-    """Redraw every parameter of `module` in place (seeded) so that its activations stay near unit scale
-    while CLS attention is peaked.
-
-    Default initialisation makes CLS attention almost uniform: score gaps are ~1e-7, so any two correct
-    implementations may pick different tokens. Here weights get std `1/sqrt(fan_in)` (`qk_gain` times that
-    for `q_proj`/`k_proj`, which sharpens attention), biases and embeddings small random values, and layer
-    norms stay near identity; score gaps at the selection boundaries become ~1e-3 or larger."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
-            if "layer_norm" in name or "layrnorm" in name:
-                value = (1.0 if name.endswith("weight") else 0.0) + 0.1 * noise
-            elif "position_embedding" in name or "class_embedding" in name:
-                value = 0.5 * noise
-            elif parameter.ndim >= 2:  # linear and patch-convolution weights
-                gain = qk_gain if ("q_proj" in name or "k_proj" in name) else 1.0
-                value = noise * gain / parameter[0].numel() ** 0.5
-            else:  # biases
-                value = 0.1 * noise
-            parameter.copy_(value.to(parameter.dtype))
-    return module
 
 
 @pytest.fixture(scope="session")
@@ -157,6 +140,32 @@ def visionzip_model(make_visionzip_model):
 @pytest.fixture(scope="session")
 def visionzip_checkpoint_dir(visionzip_model, tiny_processor, tmp_path_factory):
     return save_checkpoint(visionzip_model, tiny_processor, tmp_path_factory.mktemp("visionzip_checkpoint"))
+
+
+@dataclass(frozen=True)
+class MethodSetup:
+    """What the shared behaviour tests use of one method (read-only: build your own to change it)."""
+
+    name: str
+    model: torch.nn.Module
+    processor: object
+    stock: LlavaForConditionalGeneration
+    directory: object  # the saved checkpoint (model + processor)
+
+
+@pytest.fixture(scope="session")
+def saved_methods(tmp_path_factory):
+    setups = {}
+    for name in METHOD_NAMES:
+        model, processor, stock = build_method(name)
+        directory = save_checkpoint(model, processor, tmp_path_factory.mktemp(f"{name}_shared"))
+        setups[name] = MethodSetup(name, model, processor, stock, directory)
+    return setups
+
+
+@pytest.fixture(scope="session", params=METHOD_NAMES)
+def method_setup(request, saved_methods):
+    return saved_methods[request.param]
 
 
 # What every reduced-LLaVA checkpoint ships besides its method's own files: the LLaVA-1.5 family, what every

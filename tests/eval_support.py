@@ -13,10 +13,7 @@ import torch
 from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from conftest import _spread_vision_weights
 from llava_token_reduction import (
-    LlavaTrimConfig,
-    LlavaTrimForConditionalGeneration,
     LlavaVisionZipConfig,
     LlavaVisionZipForConditionalGeneration,
 )
@@ -26,8 +23,8 @@ from llava_token_reduction.tiny import (
     build_processor,
     build_trim_processor,
     llava_config_kwargs,
-    trim_config_kwargs,
 )
+from methods_under_test import spread_weights
 
 
 DOCS = 6
@@ -134,7 +131,7 @@ def doc_images(built: dict, index: int, two: bool = False) -> list:
 
 def _saved(model, processor, directory, seed: int) -> str:
     """Spread `model`'s vision weights (peaked CLS attention, as the other tests), save it with `processor`."""
-    _spread_vision_weights(model.model.vision_tower, seed=seed + 1)
+    spread_weights(model.model.vision_tower, seed=seed + 1)
     model.eval().save_pretrained(directory)
     processor.save_pretrained(directory)
     return os.fspath(directory)
@@ -148,8 +145,7 @@ def save_visionzip_checkpoint(directory, seed: int = 0) -> str:
 
 def save_trim_checkpoint(directory, seed: int = 0) -> str:
     torch.manual_seed(seed)
-    config = LlavaTrimConfig(**trim_config_kwargs())
-    return _saved(LlavaTrimForConditionalGeneration(config), build_trim_processor(), directory, seed)
+    return _saved(build_method_model("trim"), build_trim_processor(), directory, seed)
 
 
 def save_method_checkpoint(directory, name: str, seed: int = 0, **fields) -> str:
@@ -160,5 +156,5 @@ def save_method_checkpoint(directory, name: str, seed: int = 0, **fields) -> str
 
 def save_stock_checkpoint(directory, seed: int = 0) -> str:
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs()))
-    return _saved(model, build_processor(), directory, seed)
+    stock = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs()))
+    return _saved(stock, build_processor(), directory, seed)

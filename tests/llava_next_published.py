@@ -2,8 +2,13 @@
 processor_config.json), for tests that load LLaVA-NeXT the way users do, offline."""
 
 import json
+import os
+
+from safetensors.torch import save_file
+from transformers import LlavaNextConfig
 
 from llava_token_reduction.tiny import build_llm_tokenizer
+from llava_token_reduction.tiny_next import llava_next_config_kwargs
 
 
 # The fields of llava-hf/llava-v1.6-vicuna-7b-hf's config.json (its Vicuna text config as llava-hf writes it).
@@ -78,4 +83,26 @@ def save_published_files(directory, with_tokenizer: bool = True):
         (directory / name).write_text(json.dumps(content, indent=2))
     if with_tokenizer:
         build_llm_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def published_stock_checkpoint(model, processor, directory, shape=None):
+    """A tiny stock llava-hf LLaVA-NeXT checkpoint in the published key layout (`language_model.model.*`,
+    `language_model.lm_head.*`, `image_newline` at the root) and its processor."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.language_model."):
+            key = "language_model.model." + name[len("model.language_model."):]
+        elif name == "lm_head.weight":
+            key = "language_model.lm_head.weight"
+        else:
+            key = name[len("model."):]
+        state[key] = tensor.contiguous()
+    assert "image_newline" in state and "vision_tower.vision_model.embeddings.patch_embedding.weight" not in state
+    save_file(state, os.fspath(directory / "model.safetensors"), metadata={"format": "pt"})
+    kwargs = llava_next_config_kwargs(*(() if shape is None else (shape,)), tokenizer=processor.tokenizer)
+    config = LlavaNextConfig(**kwargs)
+    config.architectures = ["LlavaNextForConditionalGeneration"]
+    config.save_pretrained(directory)
+    processor.save_pretrained(directory)
     return directory

@@ -83,3 +83,16 @@ def reference_prumerge(last_input, features, params, plus=False, multiplier=1.5,
             out.append(sum(a[j] * x[j] for j in rest))
         results.append((np.stack(out), kept, scores[b]))
     return results
+
+
+def reference_features(model, inputs):
+    """Per image, the projected PruMerge (+) tokens of a PruMerge model on the processor's `inputs`, with the
+    model's settings, in the reference's order (kept tokens by descending attention, then the extra token)."""
+    config = model.config
+    last_input, features, params = last_layer_inputs(model, inputs["pixel_values"])
+    results = reference_prumerge(last_input, features, params, plus=config.prumerge_plus,
+                                 multiplier=config.prumerge_iqr_multiplier, coupled=config.prumerge_batch_coupled,
+                                 low=config.prumerge_min_tokens, high=config.prumerge_max_tokens)
+    projector = model.model.multi_modal_projector
+    with torch.no_grad():
+        return [projector(torch.from_numpy(tokens).float()) for tokens, _, _ in results]

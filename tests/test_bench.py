@@ -138,12 +138,12 @@ def test_bad_methods_are_named_with_the_choices(methods, reason, capsys):
 
 
 def test_checkpoint_workload_reports_the_checkpoints_own_shapes(tmp_path):
-    from llava_token_reduction import LlavaTrimConfig, LlavaTrimForConditionalGeneration
-    from llava_token_reduction.tiny import build_trim_processor, trim_config_kwargs
+    from llava_token_reduction.tiny import build_method_model, build_trim_processor
 
     processor = build_trim_processor()
-    config = LlavaTrimConfig(**trim_config_kwargs(tokenizer=processor.tokenizer))
-    LlavaTrimForConditionalGeneration(config).save_pretrained(tmp_path)
+    model = build_method_model("trim", processor=processor)
+    model.save_pretrained(tmp_path)
+    config = model.config
     processor.save_pretrained(tmp_path)
     image = Image.open(bench.SAMPLE_IMAGE).convert("RGB")
     methods = [m for m in bench.DEFAULT_METHODS if m.kind in ("stock", "trim")]

@@ -3,17 +3,16 @@
 import contextlib
 import io
 import json
-import shutil
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from llava_token_reduction import LlavaVisionZipForConditionalGeneration, cli, demo
-
 from conversion_inputs import save_clip, vision_state_of
+from llava_token_reduction import LlavaVisionZipForConditionalGeneration, cli, demo
 
 
 # Few repeats and tokens keep the whole file fast; the numbers checked here do not depend on them.
@@ -199,7 +198,9 @@ def test_demo_trim_from_stock_llava_needs_clip(stock_llava_dir, capsys):
     assert not re.search(r"^demo: ", err, flags=re.MULTILINE)
 
 
-def test_demo_refuses_clip_with_a_trim_checkpoint_and_trim_from_visionzip(tiny_trim_dir, visionzip_checkpoint_dir, capsys):
+def test_demo_refuses_clip_with_a_trim_checkpoint_and_trim_from_visionzip(
+    tiny_trim_dir, visionzip_checkpoint_dir, capsys
+):
     assert cli.main(["demo", "--model", str(tiny_trim_dir), "--clip", "somewhere"]) == 1
     assert "carries its CLIP text tower already" in capsys.readouterr().err
     assert cli.main(["demo", "--model", str(visionzip_checkpoint_dir), "--method", "trim", "--clip", "x"]) == 1
@@ -265,7 +266,8 @@ def test_twins_share_weights_with_the_model(demo_models):
     for candidate in (stock, visionzip):
         shared = {name: tensor.data_ptr() for name, tensor in candidate.state_dict().items()}
         assert shared == {name: pointer for name, pointer in tensors.items() if name in shared}
-        assert len(shared) == len(tensors) - len([n for n in tensors if "clip_text_model" in n or "visual_projection" in n])
+        clip_only = [n for n in tensors if "clip_text_model" in n or "visual_projection" in n]
+        assert len(shared) == len(tensors) - len(clip_only)
 
 
 def test_help_lists_demo(capsys):

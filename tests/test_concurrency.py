@@ -15,13 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_token_reduction import (
-    LlavaTrimConfig,
-    LlavaTrimForConditionalGeneration,
-    LlavaVisionZipConfig,
-    LlavaVisionZipForConditionalGeneration,
-)
-from llava_token_reduction.tiny import build_processor, build_trim_processor, llava_config_kwargs, trim_config_kwargs
+from llava_token_reduction.methods import METHODS
+from methods_under_test import METHOD_NAMES, build_method
+
 
 THREADS = 8
 ROUNDS = 4
@@ -35,26 +31,12 @@ def _pictures():
     return [Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")) for _ in range(IMAGES)]
 
 
-def _build(method, spread_vision_weights):
-    torch.manual_seed(0)
-    if method == "visionzip":
-        processor = build_processor()
-        config = LlavaVisionZipConfig(
-            **llava_config_kwargs(tokenizer=processor.tokenizer), dominant_tokens=10, contextual_tokens=4
-        )
-        model = LlavaVisionZipForConditionalGeneration(config)
-        spread = [model.model.vision_tower]
-    else:
-        processor = build_trim_processor()
-        model = LlavaTrimForConditionalGeneration(LlavaTrimConfig(**trim_config_kwargs(tokenizer=processor.tokenizer)))
-        spread = [model.model.vision_tower, model.model.visual_projection, model.model.clip_text_model]
-    for module in spread:
-        spread_vision_weights(module, seed=1)
-    model.generation_config.suppress_tokens = [model.config.image_token_id]
-    return model.eval(), processor
+def _build(method):
+    model, processor, _ = build_method(method)
+    return model, processor
 
 
-def _jobs(processor, pictures):
+def _jobs(method, processor, pictures):
     """Calls of several batch sizes over different images: (inputs of get_image_features, inputs of generate)."""
     questions = ["what is this", "how many cars", "", "is it red", "where is the dog", "what colour"]
     jobs = []
@@ -64,7 +46,7 @@ def _jobs(processor, pictures):
         start += size
         prompt = "USER: " + "<image>\n" * size + f"{questions[number % len(questions)]} ASSISTANT:"
         inputs = processor(images=images, text=[prompt], return_tensors="pt")
-        feature_inputs = {k: inputs[k] for k in ("pixel_values", "clip_input_ids", "clip_attention_mask") if k in inputs}
+        feature_inputs = {k: inputs[k] for k in ("pixel_values",) + METHODS[method].side_inputs}
         jobs.append((feature_inputs, dict(inputs)))
     return jobs
 
@@ -96,10 +78,10 @@ def _concurrent_mismatches(call, same, jobs, expected, seed):
     return wrong
 
 
-@pytest.mark.parametrize("method", ["visionzip", "trim"])
-def test_concurrent_calls_each_get_their_own_answer(method, spread_vision_weights):
-    model, processor = _build(method, spread_vision_weights)
-    jobs = _jobs(processor, _pictures())
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_concurrent_calls_each_get_their_own_answer(method):
+    model, processor = _build(method)
+    jobs = _jobs(method, processor, _pictures())
     began = time.monotonic()
     calls = {
         "get_image_features": (lambda job: _features(model, job[0]), lambda a, b: len(a) == len(b)
@@ -117,14 +99,14 @@ def test_concurrent_calls_each_get_their_own_answer(method, spread_vision_weight
     assert time.monotonic() - began < DEADLINE_S
 
 
-@pytest.mark.parametrize("method", ["visionzip", "trim"])
-def test_concurrent_cut_and_full_depth_calls_do_not_mix(method, spread_vision_weights):
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_concurrent_cut_and_full_depth_calls_do_not_mix(method):
     """Calls that stop at layer -2 (the dead-layer cut) and calls that ask for the last hidden state (full depth)
     in flight together on one model: each gets the answer it gets alone, and the cut calls' hidden states are
     theirs (nothing of the depth is kept on the shared modules)."""
-    model, processor = _build(method, spread_vision_weights)
+    model, processor = _build(method)
     jobs = []
-    for job_inputs, _ in _jobs(processor, _pictures()):
+    for job_inputs, _ in _jobs(method, processor, _pictures()):
         jobs += [(job_inputs, None), (job_inputs, [-1]), (job_inputs, [0])]
 
     def call(job):

@@ -8,14 +8,11 @@ import torch
 from transformers import AutoConfig, CLIPTextConfig, LlavaConfig
 
 from llava_token_reduction import LlavaTrimConfig, LlavaTrimForConditionalGeneration
-from llava_token_reduction.tiny import TEST_SHAPE, clip_text_config, llava_config_kwargs
+from llava_token_reduction.tiny import clip_text_config, method_config_kwargs
 
 
 def tiny_trim_config(**overrides) -> LlavaTrimConfig:
-    return LlavaTrimConfig(
-        **{**llava_config_kwargs(), "clip_text_config": clip_text_config(), "projection_dim": TEST_SHAPE.projection_dim,
-           **overrides}
-    )
+    return LlavaTrimConfig(**{**method_config_kwargs("trim"), **overrides})
 
 
 def test_contract_defaults():

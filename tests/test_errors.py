@@ -22,4 +22,6 @@ def test_print_failure_formats_user_and_unexpected_errors():
     assert out.getvalue() == "tool: error: no such file\n"
     out = io.StringIO()
     print_failure("tool", KeyError("x"), file=out)
-    assert out.getvalue().splitlines() == ["tool: error: KeyError: 'x'", "(run with --traceback for the full traceback)"]
+    assert out.getvalue().splitlines() == [
+        "tool: error: KeyError: 'x'", "(run with --traceback for the full traceback)"
+    ]

@@ -1,6 +1,6 @@
-"""Generate options over every registered method (`methods_under_test.METHOD_NAMES`): beam search and a
-streamer against stock LLaVA on the reduced prompt, and the static cache against the default one. Before,
-these ran on VisionZip only."""
+"""Generate options over every registered method (`methods_under_test.METHOD_NAMES`, the shared `method_setup`):
+beam search and a streamer against stock LLaVA on the reduced prompt, and the static cache against the default
+one. Before, these ran on VisionZip only."""
 
 import numpy as np
 import pytest
@@ -9,29 +9,28 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from methods_under_test import METHOD_NAMES, build_method, image_features
+from methods_under_test import image_features
 
-from llava_token_reduction.methods import METHODS
 
 NEW_TOKENS = 5
 PROMPT = "USER: <image>\nWhat is shown here? ASSISTANT:"
 
 
-@pytest.fixture(scope="module", params=METHOD_NAMES)
-def setup(request):
-    model, processor, stock = build_method(request.param)
+@pytest.fixture(scope="module")
+def setup(method_setup):
     rng = np.random.default_rng(0)
     image = Image.fromarray((rng.random((60, 57, 3)) * 255).astype("uint8"))
-    inputs = processor(images=[image], text=[PROMPT], return_tensors="pt")
-    return request.param, model, processor, stock, inputs
+    inputs = method_setup.processor(images=[image], text=[PROMPT], return_tensors="pt")
+    return method_setup.name, method_setup.model, method_setup.processor, method_setup.stock, inputs
 
 
 def _reference(stock, processor, features, **generate_kwargs):
     """Stock LLaVA on the prompt with exactly k placeholders and the reduced features placed there."""
     pieces = PROMPT.split("<image>")
     ids = processor.tokenizer(pieces[0] + "<image>" * len(features[0]) + pieces[1], return_tensors="pt").input_ids
-    out = stock.generate(input_ids=ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)},
-                         max_new_tokens=NEW_TOKENS, do_sample=False, **generate_kwargs)
+    encoded = BaseModelOutputWithPooling(pooler_output=features)
+    out = stock.generate(input_ids=ids, mm_encoder_outputs={"image": encoded}, max_new_tokens=NEW_TOKENS,
+                         do_sample=False, **generate_kwargs)
     return out[0, ids.shape[1]:]
 
 
@@ -76,7 +75,3 @@ def test_streamer_gets_one_prompt_chunk_then_the_new_tokens(setup):
 def test_static_cache_equals_the_default_cache(setup):
     name, model, processor, stock, inputs = setup
     assert torch.equal(_new_tokens(model, inputs, cache_implementation="static"), _new_tokens(model, inputs))
-
-
-def test_the_method_list_covers_the_registry():
-    assert set(METHOD_NAMES) == set(METHODS)

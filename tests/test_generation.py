@@ -4,20 +4,16 @@ The independent reference is stock `LlavaForConditionalGeneration` with the same
 with exactly `k_i` placeholders per image and the reduced features placed there.
 """
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import DynamicCache, LlavaConfig, LlavaForConditionalGeneration, TextIteratorStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from generation_support import NEW_TOKENS, PROMPTS, images, reference_new_tokens
 from llava_token_reduction import LlavaVisionZipConfig, LlavaVisionZipForConditionalGeneration
 from llava_token_reduction.modeling.modeling_llava_visionzip import LlavaVisionZipModel
 from llava_token_reduction.modeling.reduced_generation import PLAN_ATTRIBUTE
 from llava_token_reduction.tiny import build_processor, llava_config_kwargs
-
-
-NEW_TOKENS = 6
 
 
 class VariableCountModel(LlavaVisionZipModel):
@@ -65,37 +61,6 @@ def reference(model, config_kwargs):
     stock.load_state_dict(model.state_dict())
     stock.generation_config.suppress_tokens = [config_kwargs["image_token_index"]]
     return stock
-
-
-def images(count, seed=0):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray((rng.random((60, 50 + 7 * i, 3)) * 255).astype("uint8")) for i in range(count)]
-
-
-PROMPTS = [
-    "USER: <image>\nWhat is shown here? ASSISTANT:",
-    "USER: <image>\nCompare it with<image>\nplease, in detail. ASSISTANT:",
-    "USER: Just text, no picture at all. ASSISTANT:",
-    "USER: <image><image>\nTwo glued images. ASSISTANT:",
-]
-
-
-def reference_new_tokens(model, reference, processor, prompt, prompt_images, **generate_kwargs):
-    """Stock LLaVA on the prompt with exactly k_i placeholders per image."""
-    tokenizer = processor.tokenizer
-    if not prompt_images:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        return reference.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, do_sample=False, **generate_kwargs)[0, ids.shape[1]:]
-    pixels = processor.image_processor(prompt_images, return_tensors="pt").pixel_values
-    features = model.model.get_image_features(pixel_values=pixels).pooler_output
-    pieces = prompt.split("<image>")
-    text = pieces[0] + "".join("<image>" * len(f) + piece for f, piece in zip(features, pieces[1:]))
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    out = reference.generate(
-        input_ids=ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))},
-        max_new_tokens=NEW_TOKENS, do_sample=False, **generate_kwargs,
-    )
-    return out[0, ids.shape[1]:]
 
 
 def run(model, processor, prompts, prompt_images, **generate_kwargs):
@@ -266,7 +231,8 @@ def test_placeholder_mismatch_raises_before_the_vision_tower(model, processor):
     calls = []
     handle = model.model.vision_tower.embeddings.register_forward_hook(lambda *a: calls.append(1))
     first_placeholder = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0, 0])
-    short_run = torch.cat([inputs["input_ids"][:, :first_placeholder], inputs["input_ids"][:, first_placeholder + 5:]], 1)
+    ids = inputs["input_ids"]
+    short_run = torch.cat([ids[:, :first_placeholder], ids[:, first_placeholder + 5:]], 1)
     try:
         with pytest.raises(ValueError, match="placeholders"):
             model.generate(input_ids=short_run, pixel_values=inputs["pixel_values"], max_new_tokens=2)
@@ -298,7 +264,8 @@ def test_prompt_already_expanded_to_the_fixed_budget_takes_the_same_path(config_
     full = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     short_text = PROMPTS[0].replace("<image>", "<image>" * model.config.tokens_per_image)
     short_ids = processor.tokenizer(short_text, return_tensors="pt").input_ids
-    short = model.generate(input_ids=short_ids, pixel_values=inputs["pixel_values"], max_new_tokens=NEW_TOKENS, do_sample=False)
+    short = model.generate(input_ids=short_ids, pixel_values=inputs["pixel_values"], max_new_tokens=NEW_TOKENS,
+                           do_sample=False)
     assert full[0, inputs["input_ids"].shape[1]:].tolist() == short[0, short_ids.shape[1]:].tolist()
 
 

@@ -21,9 +21,20 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from generation_support import NEW_TOKENS, PROMPTS, images, reference_new_tokens
 from llava_token_reduction import LlavaVisionZipConfig, LlavaVisionZipForConditionalGeneration
 from llava_token_reduction.modeling.reduced_generation import PLAN_ATTRIBUTE
-from test_generation import NEW_TOKENS, PROMPTS, config_kwargs, images, processor, reference_new_tokens  # noqa: F401 (fixtures)
+from llava_token_reduction.tiny import llava_config_kwargs
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_processor):
+    return tiny_processor
+
+
+@pytest.fixture(scope="module")
+def config_kwargs(processor):
+    return llava_config_kwargs(tokenizer=processor.tokenizer)
 
 
 def build(config_kwargs, seed=0, suppress=True, **overrides):
@@ -189,7 +200,8 @@ def test_a_custom_vision_size_with_the_default_image_seq_length(config_kwargs):
     assert out[0, inputs["input_ids"].shape[1]:].tolist() == reference_new_tokens(
         model, stock, big, PROMPTS[0], images(1)).tolist()
     chat = [{"role": "user", "content": [{"type": "image", "image": images(1)[0]}, {"type": "text", "text": "What?"}]}]
-    text = pipeline("image-text-to-text", model=model, processor=big)(text=chat, max_new_tokens=NEW_TOKENS, do_sample=False)
+    pipe = pipeline("image-text-to-text", model=model, processor=big)
+    text = pipe(text=chat, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert text[0]["generated_text"]
 
 
@@ -312,7 +324,8 @@ def test_the_supported_transformers_range_is_stated_once_and_met():
     root = pathlib.Path(__file__).resolve().parents[1]
     floor = re.search(r'"transformers\s*>=\s*([0-9][0-9.]*),\s*<\s*([0-9]+)"', (root / "pyproject.toml").read_text())
     assert floor, "pyproject.toml must pin transformers as >=FLOOR,<MAJOR"
-    assert f"Supported transformers: {floor.group(1)} up to (not including) {floor.group(2)}" in (root / "README.md").read_text()
+    stated = f"Supported transformers: {floor.group(1)} up to (not including) {floor.group(2)}"
+    assert stated in (root / "README.md").read_text()
     assert "transformers==$floor" in (root / ".ci" / "run").read_text()  # the floor run when it is not the newest
     assert Version(floor.group(1)) <= Version(transformers.__version__) < Version(floor.group(2))
     assert "cache" in inspect.signature(LlavaForConditionalGeneration.forward).parameters

@@ -1,34 +1,24 @@
 """`get_image_features` honours `output_hidden_states`, `output_attentions` and `return_dict` as stock
-`LlavaModel.get_image_features` does, for VisionZip and TRIM. The reference is stock LLaVA with the same weights."""
+`LlavaModel.get_image_features` does, for every method (`methods_under_test.METHOD_NAMES`). The reference is stock
+LLaVA with the same weights."""
 
 import pytest
 import torch
-from transformers import LlavaConfig, LlavaModel
+from PIL import Image
+from transformers import LlavaModel
 
-from llava_token_reduction import (
-    LlavaTrimConfig,
-    LlavaTrimForConditionalGeneration,
-    LlavaVisionZipConfig,
-    LlavaVisionZipForConditionalGeneration,
-)
-from llava_token_reduction.tiny import TEST_SHAPE, build_clip_tokenizer, llava_config_kwargs, trim_config_kwargs
-
-_CLIP_ONLY = ("clip_text_model.", "visual_projection.")
+from llava_token_reduction.methods import METHODS
+from llava_token_reduction.tiny import TEST_SHAPE
+from methods_under_test import METHOD_NAMES, build_method
 
 
 def _models(method, attention="sdpa"):
-    torch.manual_seed(0)
-    if method == "visionzip":
-        config = LlavaVisionZipConfig(**llava_config_kwargs(), dominant_tokens=10, contextual_tokens=4)
-        ours = LlavaVisionZipForConditionalGeneration(config).eval()
-        extra = {}
-    else:
-        ours = LlavaTrimForConditionalGeneration(LlavaTrimConfig(**trim_config_kwargs())).eval()
-        encoded = build_clip_tokenizer()(["a cat", "what is it"], padding="max_length", max_length=77,
-                                          return_tensors="pt")
-        extra = {"clip_input_ids": encoded["input_ids"], "clip_attention_mask": encoded["attention_mask"]}
-    stock = LlavaModel(LlavaConfig(**llava_config_kwargs())).eval()
-    stock.load_state_dict({k: v for k, v in ours.model.state_dict().items() if not k.startswith(_CLIP_ONLY)})
+    ours, processor, twin = build_method(method, spread=False)
+    prompts = ["USER: <image>\na cat ASSISTANT:", "USER: <image>\nwhat is it ASSISTANT:"]
+    encoded = processor(images=[Image.new("RGB", (56, 56))] * 2, text=prompts, padding=True, return_tensors="pt")
+    extra = {key: encoded[key] for key in METHODS[method].side_inputs}  # TRIM's CLIP question rows
+    stock = LlavaModel(twin.config).eval()
+    stock.load_state_dict(twin.model.state_dict())
     for model in (ours.model, stock):
         model.vision_tower.set_attn_implementation(attention)
     return ours.model, stock, extra
@@ -47,7 +37,7 @@ def _ours_stock_and_plain(method, attention="sdpa", **kwargs):
                 ours.get_image_features(pixel_values=_pixels(), **extra))
 
 
-@pytest.mark.parametrize("method", ["visionzip", "trim"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_output_hidden_states_are_the_towers_as_stock(method):
     got, expected, plain = _ours_stock_and_plain(method, output_hidden_states=True)
     assert len(got.hidden_states) == TEST_SHAPE.vision_layers + 1 == len(expected.hidden_states)
@@ -58,7 +48,7 @@ def test_output_hidden_states_are_the_towers_as_stock(method):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("method", ["visionzip", "trim"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_output_attentions_as_stock_under_the_same_attention(method, attention):
     got, expected, _ = _ours_stock_and_plain(method, attention, output_attentions=True)
@@ -71,7 +61,7 @@ def test_output_attentions_as_stock_under_the_same_attention(method, attention):
         assert got.attentions == ()  # sdpa computes no weights, stock returns none either
 
 
-@pytest.mark.parametrize("method", ["visionzip", "trim"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_return_dict_false_gives_a_tuple(method):
     as_tuple, stock_tuple, as_dict = _ours_stock_and_plain(method, return_dict=False)
     assert isinstance(as_tuple, tuple) and isinstance(stock_tuple, tuple)
@@ -79,7 +69,7 @@ def test_return_dict_false_gives_a_tuple(method):
     assert len(as_tuple[1]) == 2 and all(torch.equal(a, b) for a, b in zip(as_tuple[1], as_dict.pooler_output))
 
 
-@pytest.mark.parametrize("method", ["visionzip", "trim"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_config_return_dict_false_is_honoured(method):
     ours, stock, extra = _models(method)
     ours.config.return_dict = stock.config.return_dict = False

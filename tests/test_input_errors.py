@@ -6,31 +6,32 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_token_reduction import (
-    LlavaTrimConfig,
-    LlavaTrimForConditionalGeneration,
-    LlavaVisionZipConfig,
-    LlavaVisionZipForConditionalGeneration,
+from llava_token_reduction.methods import METHODS
+from llava_token_reduction.tiny import (
+    TEST_SHAPE,
+    build_clip_tokenizer,
+    build_method_model,
+    build_processor,
 )
-from llava_token_reduction.tiny import TEST_SHAPE, build_clip_tokenizer, build_processor, llava_config_kwargs, trim_config_kwargs
+from methods_under_test import METHOD_FIELDS, METHOD_NAMES
+
 
 SIZE = TEST_SHAPE.image_size
 
 
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(0)
-    tokenizer = build_processor().tokenizer
-    visionzip = LlavaVisionZipForConditionalGeneration(
-        LlavaVisionZipConfig(**llava_config_kwargs(tokenizer=tokenizer), dominant_tokens=10, contextual_tokens=4)
-    ).eval()
-    trim = LlavaTrimForConditionalGeneration(LlavaTrimConfig(**trim_config_kwargs(tokenizer=tokenizer))).eval()
-    return {"visionzip": visionzip, "trim": trim}
+    return {name: build_method_model(name, seed=0, **METHOD_FIELDS[name]) for name in METHOD_NAMES}
 
 
 def _clip(batch):
     encoded = build_clip_tokenizer()(["what is it"] * batch, padding="max_length", max_length=77, return_tensors="pt")
     return {"clip_input_ids": encoded["input_ids"], "clip_attention_mask": encoded["attention_mask"]}
+
+
+def _side_inputs(method, batch):
+    """The per-image inputs `method` needs besides the pixels (TRIM's CLIP question rows)."""
+    return {key: value for key, value in _clip(batch).items() if key in METHODS[method].side_inputs}
 
 
 class _NoCompute:
@@ -51,25 +52,27 @@ class _NoCompute:
         assert self.calls == [], "a tower ran before the error"
 
 
-@pytest.mark.parametrize("method", ["visionzip", "trim"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 @pytest.mark.parametrize("size", [2 * SIZE, SIZE - TEST_SHAPE.patch_size])
 def test_images_of_another_size_name_the_size_the_model_needs(models, method, size):
     model = models[method]
-    extra = _clip(1) if method == "trim" else {}
+    extra = _side_inputs(method, 1)
     with _NoCompute(model), pytest.raises(ValueError, match=rf"must be {SIZE}x{SIZE} pixels.*got {size}x{size}"):
         model.model.get_image_features(pixel_values=torch.zeros(1, 3, size, size), **extra)
 
 
-@pytest.mark.parametrize("method", ["visionzip", "trim"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_a_single_image_without_batch_dimension_is_named_as_such(models, method):
     model = models[method]
-    extra = _clip(1) if method == "trim" else {}
-    prompt = build_processor()(images=Image.new("RGB", (64, 64)), text="USER: <image>\nhi ASSISTANT:", return_tensors="pt")
+    extra = _side_inputs(method, 1)
+    prompt = build_processor()(images=Image.new("RGB", (64, 64)), text="USER: <image>\nhi ASSISTANT:",
+                               return_tensors="pt")
     pixel_values = prompt.pop("pixel_values")[0]  # [3, H, W]
     for call in (lambda: model.model.get_image_features(pixel_values=pixel_values, **extra),
                  lambda: model.generate(**prompt, pixel_values=pixel_values, max_new_tokens=1, **extra),
                  lambda: model(**prompt, pixel_values=pixel_values, **extra)):
-        with _NoCompute(model), pytest.raises(ValueError, match=r"\(3, 56, 56\).*one image without the batch dimension"):
+        message = r"\(3, 56, 56\).*one image without the batch dimension"
+        with _NoCompute(model), pytest.raises(ValueError, match=message):
             call()
 
 
@@ -77,16 +80,19 @@ _IDS = _clip(2)
 
 
 @pytest.mark.parametrize("inputs, error, message", [
-    pytest.param({"clip_input_ids": _IDS["clip_input_ids"], "clip_attention_mask": torch.zeros(2, 77, dtype=torch.long)},
+    pytest.param({"clip_input_ids": _IDS["clip_input_ids"],
+                  "clip_attention_mask": torch.zeros(2, 77, dtype=torch.long)},
                  ValueError, r"`clip_attention_mask` rows \[0, 1\] attend no token", id="all-zero-mask"),
     pytest.param({"clip_input_ids": _IDS["clip_input_ids"],
-                  "clip_attention_mask": torch.cat([_IDS["clip_attention_mask"][:1], torch.zeros(1, 77, dtype=torch.long)])},
+                  "clip_attention_mask": torch.cat([_IDS["clip_attention_mask"][:1],
+                                                     torch.zeros(1, 77, dtype=torch.long)])},
                  ValueError, r"rows \[1\] attend no token", id="one-zero-row"),
     pytest.param({"clip_input_ids": torch.zeros(2, 0, dtype=torch.long), "clip_attention_mask": torch.zeros(2, 0)},
                  ValueError, r"`clip_input_ids` rows are empty.*BOS and EOS", id="empty"),
     pytest.param({"clip_input_ids": _IDS["clip_input_ids"] + 10_000}, ValueError,
                  r"CLIP token ids in \[0, 513\].*got values from", id="out-of-vocabulary"),
-    pytest.param({"clip_input_ids": -_IDS["clip_input_ids"]}, ValueError, r"CLIP token ids in \[0, 513\]", id="negative"),
+    pytest.param({"clip_input_ids": -_IDS["clip_input_ids"]}, ValueError, r"CLIP token ids in \[0, 513\]",
+                 id="negative"),
     pytest.param({"clip_input_ids": _IDS["clip_input_ids"].float()}, TypeError, r"integer token ids.*torch.float32",
                  id="float"),
 ])

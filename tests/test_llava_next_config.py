@@ -4,9 +4,9 @@ budget check that runs before the vision tower."""
 import json
 
 import pytest
-from llava_next_published import save_published_files
 from transformers import LlavaNextConfig
 
+from llava_next_published import save_published_files
 from llava_token_reduction.configuration.configuration_llava_next_visionzip import LlavaNextVisionZipConfig
 from llava_token_reduction.modeling.family_llava_next import check_budget_fits, image_layouts, reduced_token_counts
 from llava_token_reduction.tiny import TEST_SHAPE

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from llava_next_published import save_published_files
 from PIL import Image
 from transformers import LlavaNextConfig, LlavaNextProcessor
 
+from llava_next_published import save_published_files
 from llava_token_reduction.modeling.family_llava_next import (
     image_layouts,
     image_placeholder_counts,

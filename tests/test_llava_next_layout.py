@@ -6,8 +6,6 @@ import random
 import pytest
 import torch
 
-from visionzip_reference import reference_layout
-
 from llava_token_reduction.modeling.family_llava_next import (
     NextImageLayout,
     real_crops,
@@ -15,6 +13,7 @@ from llava_token_reduction.modeling.family_llava_next import (
     released_layouts,
     released_order,
 )
+from visionzip_reference import reference_layout
 
 
 def crop_major(crop_ids):

@@ -11,13 +11,12 @@ import pytest
 import torch
 from PIL import Image
 from transformers import (
-    AutoModelForImageTextToText,
     AutoProcessor,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
 )
-from visionzip_reference import eager_tower_outputs, reference_layout, reference_projection, reference_visionzip
 
+from llava_next_published import published_stock_checkpoint
 from llava_token_reduction import (
     LlavaNextVisionZipConfig,
     LlavaNextVisionZipForConditionalGeneration,
@@ -25,6 +24,7 @@ from llava_token_reduction import (
 )
 from llava_token_reduction.modeling.family_llava_next import image_layouts
 from llava_token_reduction.tiny_next import build_next_processor, llava_next_config_kwargs
+from visionzip_reference import eager_tower_outputs, reference_layout, reference_projection, reference_visionzip
 
 
 DOMINANT, CONTEXTUAL = 10, 4
@@ -113,7 +113,8 @@ def test_features_match_the_reference(model, processor, budget):
 
 def test_budget_that_does_not_fit_raises_before_the_tower(model, processor):
     """A 1x3 image of a thin strip has only the base crop's 48 placeholders (+ few rows) for 4 crops."""
-    inputs = processor(images=make_images([(56, 100), (4, 168)]), text=["<image>"] * 2, return_tensors="pt", padding=True)
+    inputs = processor(images=make_images([(56, 100), (4, 168)]), text=["<image>"] * 2, return_tensors="pt",
+                       padding=True)
     layouts = image_layouts(inputs["image_sizes"], model.config)
     calls = []
     handle = model.model.vision_tower.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -160,7 +161,8 @@ def _stock_on_reduced_prompt(stock, model, processor, prompt, images, **generate
             i += 1
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     with torch.no_grad():
-        out = stock.generate(input_ids=torch.tensor([compact]), attention_mask=torch.ones(1, len(compact), dtype=torch.long),
+        out = stock.generate(input_ids=torch.tensor([compact]),
+                             attention_mask=torch.ones(1, len(compact), dtype=torch.long),
                              mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)},
                              max_new_tokens=NEW_TOKENS, do_sample=False, **generate_kwargs)
     return out[0, len(compact):]
@@ -247,33 +249,8 @@ def test_multi_turn_continuation_sends_only_the_new_image(model, processor):
 # Loading, refusals, remote code ------------------------------------------------------------------------------
 
 
-def _published_stock_checkpoint(model, processor, directory, shape=None):
-    """A tiny stock llava-hf LLaVA-NeXT checkpoint in the published key layout (`language_model.model.*`,
-    `language_model.lm_head.*`, `image_newline` at the root) and its processor."""
-    from safetensors.torch import save_file
-
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith("model.language_model."):
-            key = "language_model.model." + name[len("model.language_model."):]
-        elif name == "lm_head.weight":
-            key = "language_model.lm_head.weight"
-        else:
-            key = name[len("model."):]
-        state[key] = tensor.contiguous()
-    assert "image_newline" in state and "vision_tower.vision_model.embeddings.patch_embedding.weight" not in state
-    save_file(state, os.fspath(directory / "model.safetensors"), metadata={"format": "pt"})
-    kwargs = llava_next_config_kwargs(tokenizer=processor.tokenizer) if shape is None else llava_next_config_kwargs(
-        shape, tokenizer=processor.tokenizer)
-    config = LlavaNextConfig(**kwargs)
-    config.architectures = ["LlavaNextForConditionalGeneration"]
-    config.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
-
-
 def test_stock_checkpoint_loads_cleanly_with_the_budget_given_at_load_time(model, processor, tmp_path):
-    directory = _published_stock_checkpoint(model, processor, tmp_path)
+    directory = published_stock_checkpoint(model, processor, tmp_path)
     assert json.loads((directory / "config.json").read_text())["model_type"] == "llava_next"
     loaded, info = LlavaNextVisionZipForConditionalGeneration.from_pretrained(
         directory, dominant_tokens=6, contextual_tokens=2, output_loading_info=True)
@@ -287,7 +264,7 @@ def test_stock_checkpoint_loads_cleanly_with_the_budget_given_at_load_time(model
 
 
 def test_checkpoints_of_the_other_family_are_refused(model, processor, stock_llava_dir, tmp_path):
-    directory = _published_stock_checkpoint(model, processor, tmp_path)
+    directory = published_stock_checkpoint(model, processor, tmp_path)
     with pytest.raises(ValueError, match="LLaVA-NeXT checkpoint"):
         LlavaVisionZipForConditionalGeneration.from_pretrained(directory)
     with pytest.raises(ValueError, match="LLaVA-1.5 checkpoint"):

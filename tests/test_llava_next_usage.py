@@ -78,7 +78,8 @@ def test_pipeline_batch_mixing_grids_equals_each_image_alone(checkpoint, tmp_pat
     counts; in transformers 5.24 it pads them, and stock LLaVA-NeXT batches them too. Ours gives each image's
     text alone, as stock does."""
     directory, model, processor = checkpoint
-    stock = LlavaNextForConditionalGeneration(LlavaNextConfig(**llava_next_config_kwargs(tokenizer=processor.tokenizer)))
+    stock_config = LlavaNextConfig(**llava_next_config_kwargs(tokenizer=processor.tokenizer))
+    stock = LlavaNextForConditionalGeneration(stock_config)
     stock.load_state_dict(model.state_dict())
     stock.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
@@ -107,7 +108,8 @@ def plain(checkpoint):
     images = [picture((120, 120), 6), picture((30, 200), 7), picture((56, 100), 8)]
     inputs = processor(images=images, text=["<image>"] * 3, return_tensors="pt", padding=True)
     with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                  image_sizes=inputs["image_sizes"])
     return inputs, list(features.pooler_output)
 
 
@@ -154,8 +156,7 @@ def test_readme_next_snippet_runs_as_written(tmp_path):
     import sys
 
     from conversion_inputs import add_to_hub_cache
-    from test_llava_next_model import _published_stock_checkpoint
-
+    from llava_next_published import published_stock_checkpoint
     from llava_token_reduction.tiny import TinyShape
 
     # The published crop (336 px, patch 14: 576 patches) with a narrow, shallow model, so that 54+10 per crop fit.
@@ -164,7 +165,7 @@ def test_readme_next_snippet_runs_as_written(tmp_path):
     torch.manual_seed(0)
     config = LlavaNextVisionZipConfig(**llava_next_config_kwargs(shape, tokenizer=processor.tokenizer))
     (tmp_path / "source").mkdir()
-    source = _published_stock_checkpoint(LlavaNextVisionZipForConditionalGeneration(config), processor,
+    source = published_stock_checkpoint(LlavaNextVisionZipForConditionalGeneration(config), processor,
                                          tmp_path / "source", shape=shape)
     add_to_hub_cache(tmp_path / "hub", "llava-hf/llava-v1.6-vicuna-7b-hf", source)
     picture((300, 400), 9).save(tmp_path / "photo.jpg")

@@ -221,8 +221,9 @@ def test_stock_checkpoint_reduced_at_load_time_with_overrides(runs, offline):
     assert row.image_tokens_per_image == 8 and row.placeholders_per_image == 64  # 6 + 2 of 64, from model_args
     from llava_token_reduction import LlavaVisionZipForConditionalGeneration
 
-    reduced = LlavaVisionZipForConditionalGeneration.from_pretrained(offline["stock"], dominant_tokens=6,
-                                                                     contextual_tokens=2).eval()
+    reduced = LlavaVisionZipForConditionalGeneration.from_pretrained(
+        offline["stock"], dominant_tokens=6, contextual_tokens=2
+    ).eval()
     _, processor = load(offline["stock"])
     _loaded[offline["stock"] + "#vz"] = (reduced, processor)
     for index, record in samples(run, GEN).items():

@@ -14,7 +14,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 import llava_token_reduction
 from llava_token_reduction import methods
 from llava_token_reduction.model_cards import __file__ as model_cards_init
-from llava_token_reduction.tiny import DEMO_SHAPE, llava_config_kwargs, trim_config_kwargs
+from llava_token_reduction.tiny import DEMO_SHAPE, method_config_kwargs
 
 
 METHOD_NAMES = ["visionzip", "trim", "prumerge"]
@@ -48,8 +48,7 @@ def test_classes_and_auto_registrations_agree(name):
 
 
 def _tiny_config(method, **overrides):
-    kwargs = trim_config_kwargs(DEMO_SHAPE) if method.needs_clip_text_tower else llava_config_kwargs(DEMO_SHAPE)
-    return method.config_class(**kwargs, **overrides)
+    return method.config_class(**method_config_kwargs(method, DEMO_SHAPE), **overrides)
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)

@@ -14,7 +14,7 @@ from conversion_inputs import save_clip, save_stock, vision_state_of
 from llava_token_reduction import LlavaTrimConfig, LlavaVisionZipConfig
 from llava_token_reduction.conversion import convert_trim, convert_visionzip, extract_python_snippets, render_model_card
 from llava_token_reduction.conversion.model_card import EXAMPLE_IMAGE_URL
-from llava_token_reduction.tiny import TinyShape, clip_text_config, llava_config_kwargs
+from llava_token_reduction.tiny import TinyShape, llava_config_kwargs, method_config_kwargs
 
 
 # LLaVA-1.5's 336 px / patch 14 geometry (576 patches), so the published budgets are valid; tiny widths.
@@ -27,8 +27,7 @@ def _visionzip_config(**kw):
 
 
 def _trim_config(**kw):
-    return LlavaTrimConfig(**llava_config_kwargs(CARD_SHAPE), clip_text_config=clip_text_config(CARD_SHAPE),
-                           projection_dim=CARD_SHAPE.projection_dim, **kw)
+    return LlavaTrimConfig(**method_config_kwargs("trim", CARD_SHAPE), **kw)
 
 
 @pytest.mark.parametrize("make", [_visionzip_config, _trim_config])

@@ -4,7 +4,6 @@ the model's `get_image_features` (sdpa tower) and through the tensor functions."
 import numpy as np
 import pytest
 import torch
-from prumerge_reference import last_layer_inputs, reference_prumerge
 
 from llava_token_reduction.modeling.method_prumerge import (
     MERGE_NEIGHBOURS,
@@ -14,6 +13,7 @@ from llava_token_reduction.modeling.method_prumerge import (
 )
 from llava_token_reduction.modeling.vision_inputs import run_vision_tower
 from llava_token_reduction.tiny import build_method_model
+from prumerge_reference import last_layer_inputs, reference_prumerge
 
 
 @pytest.fixture(scope="module")

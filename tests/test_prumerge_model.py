@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import assert_ships_only, save_checkpoint
 from PIL import Image
-from transformers import AutoModelForImageTextToText, pipeline
+from transformers import AutoModelForImageTextToText
 
+from conftest import assert_ships_only, save_checkpoint
 from llava_token_reduction import LlavaPruMergeConfig, LlavaPruMergeForConditionalGeneration, show
 from llava_token_reduction.conversion.cli import main as conversion_main
 from llava_token_reduction.tiny import build_method_model, build_processor, llava_config_kwargs
@@ -90,47 +90,6 @@ def test_checkpoint_ships_only_prumerge_code(prumerge_checkpoint):
          "method_prumerge_model.py"},
         ("def visionzip_reduce", "class VisionZipReduction", "def trim_reduce", "class TrimReduction", "convert trim"),
     )
-
-
-def test_remote_code_in_clean_process(prumerge_checkpoint, run_isolated_python, tmp_path):
-    directory, model, _ = prumerge_checkpoint
-    pixel_values = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        expected = list(model.model.get_image_features(pixel_values=pixel_values).pooler_output)
-    torch.save({"pixel_values": pixel_values, "expected": expected}, tmp_path / "data.pt")
-    result = run_isolated_python(
-        f"""
-        import torch
-        from transformers import AutoModelForImageTextToText
-        model, info = AutoModelForImageTextToText.from_pretrained({str(directory)!r}, trust_remote_code=True,
-                                                                  output_loading_info=True)
-        assert type(model).__name__ == "LlavaPruMergeForConditionalGeneration", type(model)
-        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-        data = torch.load("data.pt")
-        with torch.no_grad():
-            features = model.model.get_image_features(pixel_values=data["pixel_values"]).pooler_output
-        for got, want in zip(features, data["expected"], strict=True):
-            torch.testing.assert_close(got, want)
-        print("OK", [len(f) for f in features])
-        """,
-        tmp_path,
-    )
-    assert "OK" in result.stdout
-
-
-def test_pipeline_batched_equals_generate(prumerge_checkpoint):
-    directory, model, processor = prumerge_checkpoint
-    pipe = pipeline("image-text-to-text", model=str(directory), trust_remote_code=True)
-    images = [Image.fromarray((np.random.default_rng(s).random((64, 64, 3)) * 255).astype("uint8")) for s in (0, 1)]
-    prompts = ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nWhere? ASSISTANT:"]
-    results = pipe(images=images, text=prompts, max_new_tokens=4, do_sample=False, return_full_text=False,
-                   batch_size=2)
-    for image, prompt, result in zip(images, prompts, results):
-        result = result[0] if isinstance(result, list) else result
-        inputs = processor(images=image, text=prompt, return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        assert result["generated_text"] == expected
 
 
 # Tools, through the registry -------------------------------------------------------------------------------

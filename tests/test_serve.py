@@ -23,9 +23,11 @@ import eval_support as support
 
 try:
     import fastapi  # noqa: F401 - the serve extra
-except ImportError:
+except ImportError as missing:
     if os.environ.get("CI"):
-        raise ImportError("CI installs the serve extra (.ci/run: pip install -e '.[test,serve]'); fastapi is missing")
+        raise ImportError(
+            "CI installs the serve extra (.ci/run: pip install -e '.[test,serve]'); fastapi is missing"
+        ) from missing
     pytest.skip("the serve extra is not installed: pip install -e '.[test,serve]'", allow_module_level=True)
 
 READY_TIMEOUT = 180  # seconds until /health answers
@@ -62,7 +64,7 @@ def servers(checkpoints):
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
             started[method] = (process, f"http://127.0.0.1:{port}", log_path)
         deadline = time.monotonic() + READY_TIMEOUT
-        for method, (process, base, log_path) in started.items():
+        for process, base, log_path in started.values():
             wait_until_ready(process, base, log_path, deadline)
         yield {method: base for method, (_, base, _) in started.items()}
     finally:
@@ -79,7 +81,8 @@ def servers(checkpoints):
 def wait_until_ready(process, base: str, log_path, deadline: float) -> None:
     while True:
         if process.poll() is not None:
-            pytest.fail(f"the server exited ({process.returncode}) before it was ready:\n{log_path.read_text()[-4000:]}")
+            log = log_path.read_text()[-4000:]
+            pytest.fail(f"the server exited ({process.returncode}) before it was ready:\n{log}")
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
                 if response.status == 200:

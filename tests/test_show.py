@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from llava_token_reduction import show
-from llava_token_reduction.modeling.token_reduction import visionzip_assignment, visionzip_reduce, gather_tokens
+from llava_token_reduction.modeling.token_reduction import gather_tokens, visionzip_assignment, visionzip_reduce
 from llava_token_reduction.tiny import DEMO_SHAPE
 
 
@@ -43,7 +43,8 @@ def test_show_renders_the_demo_model(tmp_path, method):
     out, selection, layout = show.show(SAMPLE, method, question="Where is the house?", out=tmp_path / f"{method}.png")
     assert out.is_file() and out.stat().st_size > 20_000
     png = Image.open(out).convert("RGB")
-    assert png.size == (2 * layout.cell * layout.grid + 3 * show.GAP, show.HEADER_HEIGHT + layout.cell * layout.grid + show.GAP)
+    side = layout.cell * layout.grid
+    assert png.size == (2 * side + 3 * show.GAP, show.HEADER_HEIGHT + side + show.GAP)
     assert selection.grid == DEMO_SHAPE.image_size // DEMO_SHAPE.patch_size and layout.grid == selection.grid
     assert selection.kept, "something must be kept"
     # A kept patch has the outline colour on its border (top edge middle and left edge middle).

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from llava_token_reduction.toy.scenes import (
-    COLORS, IMAGE_SIZE, NUMBER_WORDS, QUESTION_KINDS, TEST_SEED, TRAIN_SEED, chance_accuracy, make_split,
+    COLORS,
+    IMAGE_SIZE,
+    NUMBER_WORDS,
+    QUESTION_KINDS,
+    TEST_SEED,
+    TRAIN_SEED,
+    chance_accuracy,
+    make_split,
     object_patches,
 )
 

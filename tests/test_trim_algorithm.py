@@ -1,8 +1,4 @@
-"""TRIM's tensor functions against an independent reference written from ALGORITHMS.md §2.
-
-`reference_trim` below uses numpy and plain loops only (float64 softmax, numpy's default linear
-percentiles, a stable descending sort for the top-k) and never calls the package, so a shared bug cannot hide.
-"""
+"""TRIM's tensor functions against the independent reference of `trim_reference.py` (ALGORITHMS.md §2)."""
 
 import numpy as np
 import pytest
@@ -15,46 +11,7 @@ from llava_token_reduction.modeling.method_trim import (
     trim_similarity_scores,
 )
 from llava_token_reduction.modeling.token_selection import iqr_outlier_counts
-
-
-def reference_trim(P, Z, t, negate=True, multiplier=1.5, coupled=False, low=None, high=None, mean_token=True):
-    """ALGORITHMS.md §2.2-§2.5, one image at a time. P [B, N_p, D], Z [B, N_p, E], t [B, E] (numpy).
-    Returns (tokens per image, kept indices per image, scores [B, N_p])."""
-    P, Z, t = (np.asarray(a, dtype=np.float64) for a in (P, Z, t))
-    batch, patches = P.shape[:2]
-    sign = -1.0 if negate else 1.0
-    scores = np.zeros((batch, patches))
-    for b in range(batch):
-        logits = [sign * sum(Z[b, j, e] * t[b, e] for e in range(Z.shape[2])) for j in range(patches)]
-        top = max(logits)
-        weights = [np.exp(value - top) for value in logits]
-        scores[b] = [w / sum(weights) for w in weights]
-
-    def outliers(values):
-        q1, q3 = np.percentile(values, [25, 75])  # numpy default: linear interpolation
-        fence = q3 + multiplier * (q3 - q1)
-        return sum(1 for v in values if v > fence)
-
-    if coupled:
-        flat = scores.reshape(-1)
-        counts = [int(patches * outliers(flat) / len(flat))] * batch
-    else:
-        counts = [int(patches * outliers(scores[b]) / patches) for b in range(batch)]
-
-    tokens, kept = [], []
-    for b in range(batch):
-        k = min(max(counts[b], low or 0), high if high is not None else patches)
-        if k == 0 and not mean_token:
-            k = 1
-        order = sorted(range(patches), key=lambda j: -scores[b, j])  # stable: ties keep raster order
-        selected = sorted(order[:k])
-        rows = [P[b, j] for j in selected]
-        rest = [j for j in range(patches) if j not in selected]
-        if mean_token and rest:
-            rows.append(np.mean([P[b, j] for j in rest], axis=0))
-        tokens.append(np.array(rows).reshape(len(rows), P.shape[2]))
-        kept.append(selected)
-    return tokens, kept, scores
+from trim_reference import reference_trim
 
 
 def random_inputs(batch=3, patches=64, width=8, embed=16, seed=0, scale=1.0):

@@ -1,25 +1,23 @@
-"""TRIM through the shared generation mechanism: per-image token counts that differ, the question of the
-turn that brings each image, multi-turn cache reuse and the pipeline.
+"""TRIM through the shared generation mechanism, what only TRIM does: images of one batch keep different counts,
+each image is scored against the question of the turn that brings it, the CLIP inputs are required; and the inner
+model and `torch.compile` on TRIM's side inputs. Generate == stock LLaVA on the reduced prompt, batch == alone,
+multi-turn with the cache and the pipeline run for every method in tests/test_all_methods.py and
+tests/test_pipeline.py.
 
-Reference: stock `LlavaForConditionalGeneration` with the same weights on a prompt with exactly `k_i`
-placeholders per image, the TRIM features placed there.
+Reference: stock `LlavaModel` with the same weights on a prompt with exactly `k_i` placeholders per image, the
+TRIM features placed there.
 """
 
 import numpy as np
 import pytest
 import torch
-from llava_token_reduction.modeling.reduced_generation import PLAN_ATTRIBUTE
 from PIL import Image
-from transformers import LlavaConfig, LlavaForConditionalGeneration, pipeline
+from transformers import LlavaModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from llava_token_reduction import LlavaTrimConfig, LlavaTrimForConditionalGeneration
-from llava_token_reduction.tiny import (
-    build_llm_tokenizer,
-    build_trim_processor,
-    llava_config_kwargs,
-    trim_config_kwargs,
-)
+from llava_token_reduction.tiny import build_trim_processor
+from methods_under_test import method_model, stock_twin
+
 
 NEW_TOKENS = 5
 
@@ -30,42 +28,15 @@ def processor():
 
 
 @pytest.fixture(scope="module")
-def model(processor, spread_vision_weights):
-    torch.manual_seed(0)
-    config = LlavaTrimConfig(**trim_config_kwargs(tokenizer=processor.tokenizer))
-    model = LlavaTrimForConditionalGeneration(config)
-    for module in (model.model.vision_tower, model.model.visual_projection, model.model.clip_text_model):
-        spread_vision_weights(module, seed=1)
-    model.generation_config.suppress_tokens = [config.image_token_id]
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def reference(model):
-    stock = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs(tokenizer=build_llm_tokenizer())))
-    stock.load_state_dict({k: v for k, v in model.state_dict().items()
-                           if not k.startswith(("model.clip_text_model", "model.visual_projection"))})
-    stock.generation_config.suppress_tokens = [model.config.image_token_id]
-    return stock.eval()
+def model(processor):
+    model = method_model("trim", processor=processor)
+    model.generation_config.suppress_tokens = [model.config.image_token_id]
+    return model
 
 
 def picture(seed):
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8"))
-
-
-def reference_continuation(model, reference, processor, prompt, images):
-    inputs = processor(images=images, text=[prompt], return_tensors="pt")
-    features = model.model.get_image_features(
-        pixel_values=inputs["pixel_values"], clip_input_ids=inputs["clip_input_ids"],
-        clip_attention_mask=inputs["clip_attention_mask"],
-    ).pooler_output
-    pieces = prompt.split("<image>")
-    text = pieces[0] + "".join("<image>" * len(f) + piece for f, piece in zip(features, pieces[1:]))
-    ids = processor.tokenizer(text, return_tensors="pt").input_ids
-    out = reference.generate(input_ids=ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))},
-                             max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, ids.shape[1]:].tolist(), [len(f) for f in features]
 
 
 PROMPTS = [
@@ -75,87 +46,24 @@ PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("index", range(len(PROMPTS)))
-def test_generate_matches_stock_llava_on_the_reduced_prompt(model, reference, processor, index):
-    prompt = PROMPTS[index]
-    images = [picture(index * 10 + i) for i in range(prompt.count("<image>"))]
-    inputs = processor(images=images, text=[prompt], return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
-    expected, _ = reference_continuation(model, reference, processor, prompt, images)
-    assert out[0, inputs["input_ids"].shape[1]:].tolist() == expected
-
-
-def test_batch_with_different_counts_equals_prompts_alone(model, reference, processor):
+def test_images_of_one_batch_keep_different_counts(model, processor):
+    """TRIM's count follows each image and its question, so one padded batch holds different counts (the shared
+    batch == alone test then covers rows of different lengths)."""
     images = [[picture(1)], [picture(2)], [picture(3), picture(4)]]
     inputs = processor(images=[i for g in images for i in g], text=PROMPTS, return_tensors="pt", padding=True)
     counts = [len(f) for f in model.model.get_image_features(
         pixel_values=inputs["pixel_values"], clip_input_ids=inputs["clip_input_ids"],
         clip_attention_mask=inputs["clip_attention_mask"]).pooler_output]
-    assert len(set(counts)) > 1, f"the test needs images that keep different counts, got {counts}"
-    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    for row, (prompt, group) in enumerate(zip(PROMPTS, images)):
-        expected, _ = reference_continuation(model, reference, processor, prompt, group)
-        assert out[row, inputs["input_ids"].shape[1]:].tolist() == expected, f"row {row}"
+    assert len(set(counts)) > 1, f"the images should keep different counts, got {counts}"
 
 
-def test_multi_turn_keeps_each_images_question_and_reuses_the_cache(model, processor):
-    first_turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the car?"}]}]
-    prompt_one = processor.apply_chat_template(first_turn, add_generation_prompt=True)
-    inputs = processor(images=[picture(7)], text=[prompt_one], return_tensors="pt")
-    first = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
-
-    # The contract's history: the previous output unchanged, then the new turn (here with a new image).
+def test_a_new_turn_brings_its_own_question_to_clip(processor):
+    """In a history, the CLIP rows of a new turn's image hold that turn's question, not an earlier one (the shared
+    multi-turn test in tests/test_all_methods.py then checks the cached first image keeps its own count)."""
     new_turn = processor(images=[picture(8)], text=[" USER: <image>\nand how many dogs are there? ASSISTANT:"],
                          return_tensors="pt", add_special_tokens=False)
     questions = processor.clip_tokenizer.batch_decode(new_turn["clip_input_ids"], skip_special_tokens=True)
     assert "dogs" in questions[0] and "car" not in questions[0]
-    history = torch.cat([first.sequences, new_turn["input_ids"]], dim=1)
-    all_images = {
-        "pixel_values": torch.cat([inputs["pixel_values"], new_turn["pixel_values"]]),
-        "clip_input_ids": torch.cat([inputs["clip_input_ids"], new_turn["clip_input_ids"]]),
-        "clip_attention_mask": torch.cat([inputs["clip_attention_mask"], new_turn["clip_attention_mask"]]),
-    }
-    calls = []
-    handle = model.model.vision_tower.embeddings.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
-    try:
-        continued = model.generate(input_ids=history, **all_images, cache=first.cache,
-                                   max_new_tokens=NEW_TOKENS, do_sample=False)
-    finally:
-        handle.remove()
-    assert calls == [1], "the cached image must not be reduced again"
-    plan = getattr(first.cache, PLAN_ATTRIBUTE)
-    assert len(plan.kept_tokens[0]) == 2
-
-    # From scratch, each image with the question of its own turn.
-    scratch = model.generate(input_ids=history, **all_images, max_new_tokens=NEW_TOKENS, do_sample=False)
-    assert continued[0, history.shape[1]:].tolist() == scratch[0, history.shape[1]:].tolist()
-    first_kept = model.model.get_image_features(
-        pixel_values=inputs["pixel_values"], clip_input_ids=inputs["clip_input_ids"],
-        clip_attention_mask=inputs["clip_attention_mask"]).pooler_output[0].shape[0]
-    assert plan.kept_tokens[0][0] == first_kept, "the first image keeps the count chosen with its own question"
-
-
-def test_pipeline_chat_and_batch(model, processor, tmp_path):
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    pipe = pipeline("image-text-to-text", model=str(tmp_path), trust_remote_code=True)
-    messages = [{"role": "user", "content": [{"type": "image", "image": picture(11)},
-                                              {"type": "text", "text": "what is on the table?"}]}]
-    result = pipe(text=messages, max_new_tokens=NEW_TOKENS, do_sample=False, return_full_text=False)
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[picture(11)], text=[prompt], return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    assert result[0]["generated_text"] == processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-    prompts = PROMPTS[:2]
-    batch = pipe(images=[picture(12), picture(13)], text=prompts, max_new_tokens=NEW_TOKENS, do_sample=False,
-                 return_full_text=False, batch_size=2)
-    for result, prompt, seed in zip(batch, prompts, (12, 13)):
-        result = result[0] if isinstance(result, list) else result
-        single = processor(images=[picture(seed)], text=[prompt], return_tensors="pt")
-        out = model.generate(**single, max_new_tokens=NEW_TOKENS, do_sample=False)
-        assert result["generated_text"] == processor.tokenizer.decode(out[0, single["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def test_missing_clip_inputs_raise_before_compute(model, processor):
@@ -167,9 +75,7 @@ def test_missing_clip_inputs_raise_before_compute(model, processor):
 def test_inner_model_compacts_stock_prompts_like_stock_llava_model(model, processor):
     """`AutoModel` loads `LlavaTrimModel`: it takes the processor's prompt (and CLIP rows) and returns hidden
     states over the compact sequence, as stock `LlavaModel` does over the k_i-placeholder prompt."""
-    from transformers import LlavaModel
-
-    stock = LlavaModel(LlavaConfig(**llava_config_kwargs(tokenizer=build_llm_tokenizer()))).eval()
+    stock = LlavaModel(stock_twin(model).config).eval()
     stock.load_state_dict({k: v for k, v in model.model.state_dict().items()
                            if not k.startswith(("clip_text_model", "visual_projection"))})
     prompt, images = PROMPTS[2], [picture(3), picture(4)]
@@ -181,7 +87,8 @@ def test_inner_model_compacts_stock_prompts_like_stock_llava_model(model, proces
     pieces = prompt.split("<image>")
     text = pieces[0] + "".join("<image>" * len(f) + piece for f, piece in zip(features, pieces[1:]))
     ids = processor.tokenizer(text, return_tensors="pt").input_ids
-    expected = stock(input_ids=ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))})
+    encoded = BaseModelOutputWithPooling(pooler_output=list(features))
+    expected = stock(input_ids=ids, mm_encoder_outputs={"image": encoded})
     torch.testing.assert_close(ours, expected.last_hidden_state, atol=1e-5, rtol=1e-5)
 
 

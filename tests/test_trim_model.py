@@ -1,21 +1,19 @@
 """LlavaTrimModel / LlavaTrimForConditionalGeneration: module layout, parity of `get_image_features` with the
-independent reference, input errors, loading stock LLaVA, remote code, half precision and offloading."""
+independent reference over TRIM's settings, input errors, loading stock LLaVA, the saved key layout, the fp32
+scoring modules in half precision and under offloading. What every method does (batch == alone, remote code,
+device_map, ...) is in tests/test_all_methods.py."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
-from conftest import assert_ships_only, save_checkpoint
-from test_trim_algorithm import reference_trim
 from transformers import (
     AutoModel,
     AutoModelForImageTextToText,
     CLIPTextModelWithProjection,
 )
 
+from conftest import assert_ships_only, save_checkpoint
 from llava_token_reduction import (
-    LlavaTrimConfig,
     LlavaTrimForConditionalGeneration,
     LlavaTrimModel,
 )
@@ -23,26 +21,19 @@ from llava_token_reduction.tiny import (
     TEST_SHAPE,
     build_trim_processor,
     clip_text_config,
-    llava_config_kwargs,
 )
+from methods_under_test import method_model
+from trim_reference import reference_features
+
 
 QUESTIONS = ["what color is the car", "how many dogs are there", "", "is it raining in the picture"]
 
 
-def make_config(**overrides) -> LlavaTrimConfig:
-    return LlavaTrimConfig(**{**llava_config_kwargs(), "clip_text_config": clip_text_config(),
-                              "projection_dim": TEST_SHAPE.projection_dim, **overrides})
-
-
 @pytest.fixture(scope="module")
-def make_trim_model(spread_vision_weights):
+def make_trim_model():
     def make(seed=0, **overrides) -> LlavaTrimForConditionalGeneration:
-        torch.manual_seed(seed)
-        model = LlavaTrimForConditionalGeneration(make_config(**overrides))
         # Default init gives near-uniform scores (IQR fences at near-ties); spread weights give clear margins.
-        for module in (model.model.vision_tower, model.model.visual_projection, model.model.clip_text_model):
-            spread_vision_weights(module, seed=seed + 1)
-        return model.eval()
+        return method_model("trim", seed=seed, **overrides)
 
     return make
 
@@ -70,25 +61,8 @@ def trim_checkpoint_dir(trim_model, processor, tmp_path_factory):
 
 
 def pixels(batch, seed=0):
-    return torch.randn(batch, 3, TEST_SHAPE.image_size, TEST_SHAPE.image_size, generator=torch.Generator().manual_seed(seed))
-
-
-def reference_features(model, pixel_values, ids, mask):
-    """Features by the stock route (output_hidden_states, no hooks) + the numpy reference of ALGORITHMS.md §2."""
-    config = model.config
-    inner = model.model
-    with torch.no_grad():
-        P = inner.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
-        Z = inner.visual_projection(inner.vision_tower.post_layernorm(P))
-        t = inner.clip_text_model(input_ids=ids, attention_mask=mask).text_embeds
-    tokens, kept, _ = reference_trim(
-        P.numpy(), Z.numpy(), t.numpy(), negate=config.trim_negate_similarity, multiplier=config.trim_iqr_multiplier,
-        coupled=config.trim_batch_coupled, low=config.trim_min_tokens, high=config.trim_max_tokens,
-        mean_token=config.trim_append_mean_token,
-    )
-    with torch.no_grad():
-        projected = [inner.multi_modal_projector(torch.from_numpy(rows).float()) for rows in tokens]
-    return projected, kept
+    size = TEST_SHAPE.image_size
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def test_module_layout(trim_model):
@@ -112,26 +86,14 @@ def test_features_match_reference(make_trim_model, clip_inputs, negate, coupled)
     pixel_values = pixels(4)
     with torch.no_grad():
         out = model.model.get_image_features(pixel_values=pixel_values, clip_input_ids=ids, clip_attention_mask=mask)
-    expected, expected_kept = reference_features(model, pixel_values, ids, mask)
+    expected, expected_kept = reference_features(
+        model, {"pixel_values": pixel_values, "clip_input_ids": ids, "clip_attention_mask": mask})
     assert [k.tolist() for k in out.kept_indices] == expected_kept
     assert any(len(k) > 0 for k in expected_kept)
     for mine, ref in zip(out.pooler_output, expected):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
     if coupled:
         assert len({len(k) for k in out.kept_indices}) == 1
-
-
-def test_batch_equals_single_images(trim_model, clip_inputs):
-    ids, mask = clip_inputs
-    pixel_values = pixels(4, seed=3)
-    with torch.no_grad():
-        batch = trim_model.model.get_image_features(pixel_values=pixel_values, clip_input_ids=ids, clip_attention_mask=mask)
-        for i in range(4):
-            single = trim_model.model.get_image_features(
-                pixel_values=pixel_values[i : i + 1], clip_input_ids=ids[i : i + 1], clip_attention_mask=mask[i : i + 1]
-            )
-            assert torch.equal(single.kept_indices[0], batch.kept_indices[i])
-            torch.testing.assert_close(single.pooler_output[0], batch.pooler_output[i], rtol=1e-5, atol=1e-6)
 
 
 def test_bounds_and_k_zero_at_model_level(make_trim_model, clip_inputs):
@@ -143,7 +105,8 @@ def test_bounds_and_k_zero_at_model_level(make_trim_model, clip_inputs):
     assert [len(f) for f in out.pooler_output] == [len(k) + 1 for k in out.kept_indices]
     flat = make_trim_model(trim_iqr_multiplier=1e6)  # nothing clears the fence: K = 0 -> the mean token alone
     with torch.no_grad():
-        out = flat.model.get_image_features(pixel_values=pixels(2), clip_input_ids=ids[:2], clip_attention_mask=mask[:2])
+        out = flat.model.get_image_features(pixel_values=pixels(2), clip_input_ids=ids[:2],
+                                            clip_attention_mask=mask[:2])
     assert [f.shape[0] for f in out.pooler_output] == [1, 1]
     everything = make_trim_model(trim_min_tokens=64)
     with torch.no_grad():
@@ -153,10 +116,12 @@ def test_bounds_and_k_zero_at_model_level(make_trim_model, clip_inputs):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({}, "`clip_input_ids`"),
-    ({"clip_input_ids": torch.zeros(1, 77, dtype=torch.long)}, "`clip_input_ids` must have one row per image: 2 images but 1 rows"),
+    ({"clip_input_ids": torch.zeros(1, 77, dtype=torch.long)},
+     "`clip_input_ids` must have one row per image: 2 images but 1 rows"),
     ({"clip_input_ids": torch.zeros(2, 80, dtype=torch.long)}, "at most 77 tokens"),
     ({"clip_input_ids": torch.zeros(77, dtype=torch.long)}, "2-D"),
-    ({"clip_input_ids": torch.zeros(2, 77, dtype=torch.long), "clip_attention_mask": torch.ones(2, 5)}, "`clip_attention_mask`"),
+    ({"clip_input_ids": torch.zeros(2, 77, dtype=torch.long), "clip_attention_mask": torch.ones(2, 5)},
+     "`clip_attention_mask`"),
 ])
 def test_clip_input_errors_before_compute(trim_model, kwargs, message):
     calls = []
@@ -205,14 +170,6 @@ def test_trim_checkpoint_round_trip_and_overrides(trim_model, trim_checkpoint_di
         LlavaTrimForConditionalGeneration.from_pretrained(trim_checkpoint_dir, trim_max_tokens=0)
 
 
-def test_generate_with_processor_outputs(trim_model, processor):
-    images = [Image.fromarray(np.random.RandomState(s).randint(0, 255, (60, 60, 3), dtype=np.uint8)) for s in (0, 1)]
-    inputs = processor(images=images, text=["USER: <image>\nWhat color? ASSISTANT:", "USER: <image>\nHow many? ASSISTANT:"],
-                       padding=True, return_tensors="pt")
-    out = trim_model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
-
-
 def test_checkpoint_ships_only_trim_code(trim_checkpoint_dir):
     """A TRIM checkpoint carries TRIM's files (its processor's included) and the shared ones, none of
     VisionZip's."""
@@ -226,43 +183,6 @@ def test_checkpoint_ships_only_trim_code(trim_checkpoint_dir):
     )
 
 
-def test_remote_code_in_clean_process(trim_model, processor, trim_checkpoint_dir, run_isolated_python, tmp_path):
-    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (60, 60, 3), dtype=np.uint8))
-    image.save(tmp_path / "image.png")
-    prompt = "USER: <image>\nWhat color is the car? ASSISTANT:"
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
-    with torch.no_grad():
-        expected = trim_model.model.get_image_features(
-            pixel_values=inputs["pixel_values"], clip_input_ids=inputs["clip_input_ids"],
-            clip_attention_mask=inputs["clip_attention_mask"],
-        ).pooler_output[0]
-    torch.save(expected, tmp_path / "expected.pt")
-    result = run_isolated_python(
-        f"""
-        import torch
-        from PIL import Image
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-        path = {str(trim_checkpoint_dir)!r}
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-        model, info = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, output_loading_info=True)
-        assert type(processor).__name__ == "LlavaTrimProcessor", type(processor)
-        assert type(model).__name__ == "LlavaTrimForConditionalGeneration", type(model)
-        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-        inputs = processor(images=Image.open("image.png"), text={prompt!r}, return_tensors="pt")
-        with torch.no_grad():
-            features = model.model.get_image_features(
-                pixel_values=inputs["pixel_values"], clip_input_ids=inputs["clip_input_ids"],
-                clip_attention_mask=inputs["clip_attention_mask"]).pooler_output[0]
-        torch.testing.assert_close(features, torch.load("expected.pt"))
-        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
-        print("OK", features.shape[0])
-        """,
-        tmp_path,
-    )
-    assert "OK" in result.stdout
-
-
 def test_bf16_load_keeps_clip_modules_fp32(trim_checkpoint_dir, clip_inputs):
     model = LlavaTrimForConditionalGeneration.from_pretrained(trim_checkpoint_dir, dtype=torch.bfloat16).eval()
     inner = model.model
@@ -272,7 +192,8 @@ def test_bf16_load_keeps_clip_modules_fp32(trim_checkpoint_dir, clip_inputs):
     assert inner.multi_modal_projector.linear_1.weight.dtype == torch.bfloat16
     ids, mask = clip_inputs
     with torch.no_grad():
-        out = inner.get_image_features(pixel_values=pixels(2).bfloat16(), clip_input_ids=ids[:2], clip_attention_mask=mask[:2])
+        out = inner.get_image_features(pixel_values=pixels(2).bfloat16(), clip_input_ids=ids[:2],
+                                       clip_attention_mask=mask[:2])
         pooled = inner.vision_tower(pixels(1).bfloat16()).pooler_output  # the tower's own fp32 post_layernorm path
     assert out.scores.dtype == torch.float32 and torch.isfinite(pooled).all()
     assert all(f.dtype == torch.bfloat16 and torch.isfinite(f).all() for f in out.pooler_output)
@@ -284,7 +205,8 @@ def test_bf16_load_keeps_clip_modules_fp32(trim_checkpoint_dir, clip_inputs):
         module.to(torch.bfloat16)
     assert inner.visual_projection.weight.dtype == torch.bfloat16
     with torch.no_grad():
-        half = inner.get_image_features(pixel_values=pixels(2).bfloat16(), clip_input_ids=ids[:2], clip_attention_mask=mask[:2])
+        half = inner.get_image_features(pixel_values=pixels(2).bfloat16(), clip_input_ids=ids[:2],
+                                        clip_attention_mask=mask[:2])
     assert all(torch.isfinite(f).all() for f in half.pooler_output) and half.scores.dtype == torch.float32
 
 
@@ -300,8 +222,9 @@ def test_device_map_auto_with_disk_offload_bf16(trim_checkpoint_dir, clip_inputs
     # Note: transformers 5.23 does not apply `_keep_in_fp32_modules_strict` to disk-offloaded weights (they load
     # in bf16 there); scoring copes with half CLIP modules and still computes logits/softmax/quantiles in fp32.
     with torch.no_grad():
-        expected = plain.model.get_image_features(pixel_values=pixels(2).bfloat16(), clip_input_ids=ids[:2], clip_attention_mask=mask[:2])
-        got = offloaded.model.get_image_features(pixel_values=pixels(2).bfloat16(), clip_input_ids=ids[:2], clip_attention_mask=mask[:2])
+        inputs = {"pixel_values": pixels(2).bfloat16(), "clip_input_ids": ids[:2], "clip_attention_mask": mask[:2]}
+        expected = plain.model.get_image_features(**inputs)
+        got = offloaded.model.get_image_features(**inputs)
     assert got.scores.dtype == torch.float32
     assert [k.tolist() for k in got.kept_indices] == [k.tolist() for k in expected.kept_indices]
     for mine, ref in zip(got.pooler_output, expected.pooler_output):

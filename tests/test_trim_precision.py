@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from llava_token_reduction import LlavaTrimConfig, LlavaTrimForConditionalGeneration
-from llava_token_reduction.tiny import TEST_SHAPE, build_clip_tokenizer, trim_config_kwargs
+from llava_token_reduction.tiny import TEST_SHAPE, build_clip_tokenizer, method_config_kwargs
+from methods_under_test import method_model
 
 
 def _scoring_parameters(model):
@@ -33,7 +34,7 @@ _CASTS = {
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("build", list(_BUILDS))
 def test_from_config_in_half_precision_keeps_scoring_modules_fp32(build, dtype):
-    model = _BUILDS[build](LlavaTrimConfig(**trim_config_kwargs()), dtype)
+    model = _BUILDS[build](LlavaTrimConfig(**method_config_kwargs("trim")), dtype)
     assert {p.dtype for p in _scoring_parameters(model).values()} == {torch.float32}
     assert model.model.language_model.embed_tokens.weight.dtype == dtype
     assert model.model.vision_tower.encoder.layers[0].mlp.fc1.weight.dtype == dtype
@@ -43,8 +44,7 @@ def test_from_config_in_half_precision_keeps_scoring_modules_fp32(build, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cast", list(_CASTS))
 def test_casting_the_model_keeps_scoring_modules_fp32_and_exact(cast, dtype):
-    torch.manual_seed(0)
-    model = LlavaTrimForConditionalGeneration(LlavaTrimConfig(**trim_config_kwargs())).eval()
+    model = method_model("trim", spread=False)
     before = {name: p.detach().clone() for name, p in _scoring_parameters(model).items()}
     _CASTS[cast](model, dtype)
     after = _scoring_parameters(model)
@@ -56,11 +56,8 @@ def test_casting_the_model_keeps_scoring_modules_fp32_and_exact(cast, dtype):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-def test_scores_of_a_bf16_cast_model_follow_the_fp32_model(spread_vision_weights):
-    torch.manual_seed(0)
-    model = LlavaTrimForConditionalGeneration(LlavaTrimConfig(**trim_config_kwargs())).eval()
-    for module in (model.model.vision_tower, model.model.visual_projection, model.model.clip_text_model):
-        spread_vision_weights(module, seed=1)
+def test_scores_of_a_bf16_cast_model_follow_the_fp32_model():
+    model = method_model("trim")
     encoded = build_clip_tokenizer()(["what is in the picture", "a red car"], padding="max_length", max_length=77,
                                      return_tensors="pt")
     pixel_values = torch.randn(2, 3, TEST_SHAPE.image_size, TEST_SHAPE.image_size,

@@ -3,14 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from llava_token_reduction.modeling.processing_llava_trim import questions_from_prompt
 from PIL import Image
 from transformers import AutoProcessor, LlavaProcessor
 
 from llava_token_reduction import LlavaTrimProcessor
+from llava_token_reduction.modeling.processing_llava_trim import questions_from_prompt
 from llava_token_reduction.tiny import (
     build_trim_processor,
 )
+
 
 LLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
@@ -76,7 +77,8 @@ def test_raw_prompt(processor):
         assert torch.equal(out[key], reference[key])
     assert (out["input_ids"] == processor.image_token_id).sum() == 64
     assert_questions(processor, out, ["What color is the car?"])
-    assert processor.clip_tokenizer.decode(out["clip_input_ids"][0], skip_special_tokens=True) == "what color is the car ?"
+    decoded = processor.clip_tokenizer.decode(out["clip_input_ids"][0], skip_special_tokens=True)
+    assert decoded == "what color is the car ?"
 
 
 def test_chat_template_string(processor):
@@ -183,7 +185,8 @@ def test_save_and_load(processor, tmp_path):
 
 
 @pytest.mark.parametrize("prompt,expected", [
-    ("USER: <image>\nWhat does ASSISTANT: mean in a chat log? ASSISTANT:", ["What does ASSISTANT: mean in a chat log?"]),
+    ("USER: <image>\nWhat does ASSISTANT: mean in a chat log? ASSISTANT:",
+     ["What does ASSISTANT: mean in a chat log?"]),
     (f"{LLAVA_SYSTEM} USER: <image>\nWhat does ASSISTANT: mean in a chat log? ASSISTANT:",
      ["What does ASSISTANT: mean in a chat log?"]),
     ("USER: <image>\nIs USER: a role marker? ASSISTANT:", ["Is USER: a role marker?"]),

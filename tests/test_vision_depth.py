@@ -14,6 +14,7 @@ from llava_token_reduction.modeling.family_llava import project_per_image
 from llava_token_reduction.modeling.vision_inputs import vision_tower_pieces
 from llava_token_reduction.tiny import TEST_SHAPE, build_method_model, build_method_processor
 
+
 LAYERS = TEST_SHAPE.vision_layers  # 3
 
 
@@ -81,7 +82,10 @@ def test_features_are_bit_identical_to_the_full_depth_run(method, field, value, 
     assert torch.equal(got.last_hidden_state, reduction.last_hidden_state)
     for name, value in reduction.extras.items():  # TRIM's kept indices and scores
         mine = getattr(got, name)
-        assert all(torch.equal(a, b) for a, b in zip(mine, value)) if isinstance(value, list) else torch.equal(mine, value)
+        if isinstance(value, list):
+            assert all(torch.equal(a, b) for a, b in zip(mine, value))
+        else:
+            assert torch.equal(mine, value)
     assert got.hidden_states is None and got.attentions is None
 
 

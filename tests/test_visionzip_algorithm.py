@@ -212,7 +212,8 @@ def test_reduce_keeps_cls_then_dominant_patches_in_raster_order_then_contextual(
     # keep = 0, 2, 4, 6; rest = 1, 3, 5, 7 (R=4, step 2): targets = rest[0]=1 and rest[2]=5,
     # sources 3 (-> target 1, same key) and 7 (-> target 5, nearer [0, 1]).
     expected = torch.stack(
-        [tokens[0, 0], tokens[0, 2], tokens[0, 4], tokens[0, 6], tokens[0, 1] + tokens[0, 3], tokens[0, 5] + tokens[0, 7]]
+        [tokens[0, 0], tokens[0, 2], tokens[0, 4], tokens[0, 6],
+         tokens[0, 1] + tokens[0, 3], tokens[0, 5] + tokens[0, 7]]
     )
     assert reduced.shape == (1, 6, 3)
     torch.testing.assert_close(reduced[0], expected)
@@ -284,7 +285,8 @@ def test_published_budgets_on_576_patches_have_the_documented_stride(dominant, c
         assert merged[0, t, 0].item() == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("remaining, contextual, step, last", [(523, 10, 52, 468), (469, 20, 23, 437), (415, 30, 13, 377)])
+@pytest.mark.parametrize("remaining, contextual, step, last",
+                         [(523, 10, 52, 468), (469, 20, 23, 437), (415, 30, 13, 377)])
 def test_target_positions_match_the_published_budget_table(remaining, contextual, step, last):
     positions = contextual_target_positions(remaining, contextual).tolist()
     assert positions == list(range(0, last + 1, step)) and len(positions) == contextual

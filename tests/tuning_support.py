@@ -9,16 +9,14 @@ import torch
 from PIL import Image
 
 from llava_token_reduction import (
-    LlavaTrimConfig,
-    LlavaTrimForConditionalGeneration,
     LlavaVisionZipConfig,
     LlavaVisionZipForConditionalGeneration,
 )
 from llava_token_reduction.tiny import (
+    build_method_model,
     build_processor,
     build_trim_processor,
     llava_config_kwargs,
-    trim_config_kwargs,
 )
 
 
@@ -35,8 +33,7 @@ def build_checkpoint(kind: str, directory: Path, seed: int = 0) -> Path:
         model = LlavaVisionZipForConditionalGeneration(config)
     else:
         processor = build_trim_processor()
-        config = LlavaTrimConfig(**trim_config_kwargs(tokenizer=processor.tokenizer), trim_max_tokens=12)
-        model = LlavaTrimForConditionalGeneration(config)
+        model = build_method_model("trim", processor=processor, trim_max_tokens=12)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory

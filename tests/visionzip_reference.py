@@ -100,3 +100,15 @@ def reference_layout(crop_ids, kept_patches, grid, side):
     for j in range(rows * cols):  # 4. grid contextual tokens, crop-major
         out.extend(crop_ids[1 + j][dominant:])
     return out
+
+
+def reference_features(model, inputs):
+    """Per image, the projected VisionZip tokens `[dominant + contextual, hidden]` of a LLaVA-1.5 VisionZip model on
+    the processor's `inputs`, with the model's budget and layer."""
+    config = model.config
+    tower, outputs = eager_tower_outputs(model, inputs["pixel_values"])
+    return [
+        reference_projection(model, reference_visionzip(tower, outputs, image, config.visionzip_layer,
+                                                        config.dominant_tokens, config.contextual_tokens)[0])
+        for image in range(len(inputs["pixel_values"]))
+    ]
