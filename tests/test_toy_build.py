@@ -53,8 +53,14 @@ def test_cached_tower_features_give_the_model_s_own_loss():
     and the projector's gradient must be what `LlavaForConditionalGeneration.forward` gives from the pixels."""
     from transformers import CLIPModel
 
-    from llava_token_reduction.toy.train import build_clip, build_llava, build_toy_processor, llava_loss
-    from llava_token_reduction.toy.train import qa_batch, tower_features
+    from llava_token_reduction.toy.train import (
+        build_clip,
+        build_llava,
+        build_toy_processor,
+        llava_loss,
+        qa_batch,
+        tower_features,
+    )
 
     torch.manual_seed(0)
     clip: CLIPModel = build_clip()

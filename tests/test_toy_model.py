@@ -13,7 +13,10 @@ from safetensors.torch import load_file
 
 from llava_token_reduction.toy import ASSETS, toy_checkpoint
 from llava_token_reduction.toy.evaluate import (
-    STOCK, Setting, evaluate, visionzip_setting,
+    STOCK,
+    Setting,
+    evaluate,
+    visionzip_setting,
 )
 from llava_token_reduction.toy.evaluate import (
     test_split as held_out_split,

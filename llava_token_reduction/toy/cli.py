@@ -3,6 +3,7 @@
     toy build OUT [--quick]                   train CLIP and LLaVA from nothing, convert, write OUT/...
     toy eval [--models DIR] [--plot PNG]      held-out accuracy vs image tokens, stock / VisionZip / TRIM
     toy ship BUILD                            copy a build into the package (cards, accuracy table, scene)
+    toy clip-check [--models DIR]             does the CLIP tell shapes and sides apart (retrieval, linear probe)
     toy selection [--models DIR]              what TRIM (both signs) and VisionZip keep, against the scenes
     toy tune OUT [--models DIR]               VisionZip at a small budget, projector tuned with it on, then
                                               `convert --projector`; accuracy before and after
@@ -55,6 +56,11 @@ def register(subparsers) -> None:
     ship.add_argument("--plot", metavar="PNG", help="also draw accuracy vs image tokens")
     ship.add_argument("--no-progress", action="store_true")
     ship.set_defaults(handler=run_ship)
+
+    check = actions.add_parser("clip-check", help="does the toy CLIP tell shapes and sides apart (about a minute)")
+    check.add_argument("--models", metavar="DIR", help="a `toy build` output with clip/ (default: the shipped models)")
+    check.add_argument("--groups", type=int, default=100, help="held-out contrastive groups (default 100)")
+    check.set_defaults(handler=run_clip_check)
 
     experiments = actions.add_parser("selection", help="what TRIM (both signs) and VisionZip keep, against the scenes")
     experiments.add_argument("--models", metavar="DIR", help="a `toy build` output (default: the shipped models)")
@@ -160,6 +166,20 @@ def run_selection(args: argparse.Namespace) -> int:
         print(trim_sign_report(_root(args), split, limit=args.limit, progress=not args.no_progress))
         print()
         print(visionzip_object_report(_root(args), split))
+    return 0
+
+
+def run_clip_check(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import CLIPModel
+
+    from .probe import clip_report
+
+    directory = _root(args) / "clip"
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"no CLIP checkpoint in {directory} (a `toy build` output has one in clip/)")
+    with torch_threads(1):
+        print(clip_report(CLIPModel.from_pretrained(directory, dtype=torch.float32).eval(), groups=args.groups))
     return 0
 
 

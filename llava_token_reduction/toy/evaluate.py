@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import ASSETS
 from .scenes import QUESTION_KINDS, TEST_SEED, Question, Split, chance_accuracy, make_split
 from .train import prompt_text
 
 
-from . import ASSETS
 TEST_IMAGES = 250  # the held-out split: 250 scenes, 2 questions each
 MAX_ANSWER_TOKENS = 4  # one word + </s>, with room to see a model that rambles
 

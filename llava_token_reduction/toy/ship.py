@@ -63,9 +63,10 @@ tuning) without downloading anything. It is not LLaVA-1.5 and not a model of any
 
 - **This checkpoint:** {what}; {how}.
 - **Architecture:** LLaVA-1.5's in miniature. Vision tower: a CLIP ViT (112-px images, 14-px patches, 64 patches
-  + CLS, 4 layers, width 64) trained contrastively with a 2-layer CLIP text tower on scene captions; projector:
-  LLaVA's two-layer GELU MLP; language model: a {TOY_SHAPE.text_layers}-layer Llama of width {TOY_SHAPE.text_hidden} with a word-level
-  tokenizer over the task's {len(TASK_WORDS)} words (any other word is `<unk>`). {build_record['llava_parameters'] / 1e6:.1f} M parameters
+  + CLS, 4 layers, width 64) trained contrastively with a 2-layer CLIP text tower on scene captions (CLIP's
+  tokenizer with one token per task word); projector: LLaVA's two-layer GELU MLP; language model: a
+  {TOY_SHAPE.text_layers}-layer Llama of width {TOY_SHAPE.text_hidden} with a word-level tokenizer over the task's
+  {len(TASK_WORDS)} words (any other word is `<unk>`). {build_record['llava_parameters'] / 1e6:.1f} M parameters
   (LLaVA), stored in float16 (load with `dtype=torch.float32` on a CPU).
 - **Training:** CLIP {recipe['clip_steps']} steps x {recipe['clip_batch']} fresh scenes (groups of a scene, its mirror
   image, one shape changed, one colour changed); LLaVA (vision tower frozen, projector + language model from
