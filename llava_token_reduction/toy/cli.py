@@ -60,6 +60,8 @@ def register(subparsers) -> None:
     check = actions.add_parser("clip-check", help="does the toy CLIP tell shapes and sides apart (about a minute)")
     check.add_argument("--models", metavar="DIR", help="a `toy build` output with clip/ (default: the shipped models)")
     check.add_argument("--groups", type=int, default=100, help="held-out contrastive groups (default 100)")
+    check.add_argument("--probe-scenes", type=int, default=1500, help="scenes the linear probes train on (default "
+                       "1500; they test on a fifth as many others)")
     check.set_defaults(handler=run_clip_check)
 
     experiments = actions.add_parser("selection", help="what TRIM (both signs) and VisionZip keep, against the scenes")
@@ -175,11 +177,14 @@ def run_clip_check(args: argparse.Namespace) -> int:
 
     from .probe import clip_report
 
+    if args.groups < 1 or args.probe_scenes < 5:
+        raise ValueError(f"--groups must be >= 1 and --probe-scenes >= 5, got {args.groups} and {args.probe_scenes}")
     directory = _root(args) / "clip"
     if not (directory / "config.json").is_file():
         raise ValueError(f"no CLIP checkpoint in {directory} (a `toy build` output has one in clip/)")
     with torch_threads(1):
-        print(clip_report(CLIPModel.from_pretrained(directory, dtype=torch.float32).eval(), groups=args.groups))
+        model = CLIPModel.from_pretrained(directory, dtype=torch.float32).eval()
+        print(clip_report(model, groups=args.groups, probe_scenes=args.probe_scenes))
     return 0
 
 

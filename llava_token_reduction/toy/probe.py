@@ -87,11 +87,13 @@ def shape_probe(vision_model, train_scenes: int = 1500, test_scenes: int = 300, 
             "colour": linear_probe(train_x, train_color, test_x, test_color, len(COLORS))}
 
 
-def clip_report(model, groups: int = 100) -> str:
-    """Both checks as a few lines of text (`toy clip-check`)."""
+def clip_report(model, groups: int = 100, probe_scenes: int = 1500) -> str:
+    """Both checks as a few lines of text (`toy clip-check`); the probes train on `probe_scenes` scenes' objects
+    and test on a fifth as many other scenes'."""
     retrieval = retrieval_by_member(model, groups)
-    probe = shape_probe(model.vision_model)
-    centre = shape_probe(model.vision_model, neighbourhood=0)
+    sizes = {"train_scenes": probe_scenes, "test_scenes": max(1, probe_scenes // 5)}
+    probe = shape_probe(model.vision_model, **sizes)
+    centre = shape_probe(model.vision_model, neighbourhood=0, **sizes)
     lines = [f"caption retrieval within {groups} held-out groups of four (chance 25%): {100 * retrieval['all']:.1f}%"]
     lines += [f"  {name}: {100 * retrieval[name]:.0f}%" for name in MEMBERS]
     lines.append(f"linear probe, 3x3 patches around each object (chance 33% / 20%): shape {100 * probe['shape']:.1f}%, "
