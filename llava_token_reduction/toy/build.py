@@ -6,6 +6,7 @@ Writes
     OUT/llava/      the stock LlavaForConditionalGeneration trained on the QA train split, with its processor
     OUT/visionzip/  `convert visionzip OUT/llava` (54+10 by default; any budget at load time)
     OUT/trim/       `convert trim OUT/llava --clip OUT/clip`
+    OUT/prumerge/   `convert prumerge OUT/llava` (PruMerge; PruMerge+ with `prumerge_plus=True` at load time)
     OUT/build.json  the recipe, losses, times and held-out accuracies
 
 Training runs on one CPU thread: on a shared 2-core machine that is faster than two for models this small,
@@ -52,7 +53,7 @@ def build(out, recipe: Recipe | None = None, progress: bool = True, threads: int
           dtype: str = SHIPPED_DTYPE, clip_from=None) -> dict:
     """Train and convert into `out`; every checkpoint is stored in `dtype` (trained in float32). `clip_from`:
     a CLIP checkpoint from an earlier build to reuse instead of training stage 1 again."""
-    from ..conversion.converter import convert_trim, convert_visionzip
+    from ..conversion.converter import convert_prumerge, convert_trim, convert_visionzip
 
     recipe = recipe or Recipe()
     out = Path(out)
@@ -82,6 +83,7 @@ def build(out, recipe: Recipe | None = None, progress: bool = True, threads: int
         options = {"overwrite": True, "progress": False, "license": "apache-2.0"}
         convert_visionzip(out / "llava", out / "visionzip", **options)
         convert_trim(out / "llava", out / "trim", clip=str(out / "clip"), **options)
+        convert_prumerge(out / "llava", out / "prumerge", **options)
         record = {
             "recipe": dataclasses.asdict(recipe),
             "clip_from": str(clip_from) if clip_from else None,

@@ -26,6 +26,7 @@ def accuracy_plot(results, path, title: str = "Toy LLaVA (synthetic shapes), hel
         "visionzip-tuned": ("tab:green", "*", "VisionZip, tuned projector"),
         "trim": ("tab:red", "s", "TRIM (mean tokens; sign True)"),
         "trim (sign False)": ("tab:orange", "^", "TRIM, sign False"),
+        "prumerge": ("tab:purple", "D", "PruMerge / PruMerge+ (mean tokens)"),
     }
     for family, members in groups.items():
         color, marker, label = styles.get(family, ("gray", "x", family))

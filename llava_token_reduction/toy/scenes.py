@@ -63,8 +63,8 @@ class Scene:
     noise_seed: int
 
     def caption(self) -> str:
-        """The objects from left to right, e.g. 'red circle, blue square, green triangle' (short enough for
-        CLIP's 77 tokens with a byte-level tokenizer)."""
+        """The objects from left to right, e.g. 'red circle, blue square, green triangle' (at most 13 tokens
+        with the toy CLIP's tokenizer, one per word and comma, plus BOS and EOS)."""
         return ", ".join(item.name for item in sorted(self.objects, key=lambda item: item.x))
 
     def render(self) -> Image.Image:

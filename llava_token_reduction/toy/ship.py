@@ -17,11 +17,12 @@ from .scenes import TEST_SEED, make_split
 from .train import TASK_WORDS, TOY_SHAPE
 
 
-SHIPPED = ("llava", "visionzip", "trim")
+SHIPPED = ("llava", "visionzip", "trim", "prumerge")
 ACCURACY_FILE = "accuracy.md"
 SCENE_FILE = "scene.png"
-# The demo's scene: held-out image 3 (purple circle, green triangle, purple square; left to right), see `demo_scene`.
-DEMO_IMAGE_INDEX = 3
+# The demo's scene: held-out image 4 (yellow circle, red square, blue triangle; left to right), the first one with
+# three objects, one of each shape (chosen by that rule when the scenes changed, before any model saw it).
+DEMO_IMAGE_INDEX = 4
 DEMO_QUESTION = "What color is the triangle?"
 
 WHAT = {
@@ -32,6 +33,9 @@ WHAT = {
     "trim": ("LLaVA with TRIM (`llava_trim`), adaptive token count, question scored with the toy CLIP's text tower",
              "`llava-token-reduction convert trim` of the `llava` checkpoint with the toy CLIP (`--clip`): the same "
              "LLaVA weights plus the CLIP text tower and `visual_projection`"),
+    "prumerge": ("LLaVA with PruMerge (`llava_prumerge`), adaptive token count from the CLS attention's outliers; "
+                 "PruMerge+ with `prumerge_plus=True` at load time",
+                 "`llava-token-reduction convert prumerge` of the `llava` checkpoint: the same weights"),
 }
 
 
