@@ -1,7 +1,7 @@
 """`llava-token-reduction toy ...`: the small trained model that ships with the package.
 
     toy build OUT [--quick]                   train CLIP and LLaVA from nothing, convert, write OUT/...
-    toy eval [--models DIR] [--plot PNG]      held-out accuracy vs image tokens, stock / VisionZip / TRIM
+    toy eval [--models DIR] [--plot PNG]      held-out accuracy vs image tokens, stock and every reduction
     toy ship BUILD                            copy a build into the package (cards, accuracy table, scene)
     toy clip-check [--models DIR]             does the CLIP tell shapes and sides apart (retrieval, linear probe)
     toy selection [--models DIR]              what TRIM (both signs) and VisionZip keep, against the scenes
@@ -9,8 +9,8 @@
                                               `convert --projector`; accuracy before and after
     toy data OUT [--split train|test]         write a split as LLaVA instruction data (JSON + PNG images)
 
-The shipped models live in `llava_token_reduction/assets/toy/{llava,visionzip,trim,clip}`. They are a toy:
-a 4-layer ViT and a 2-layer Llama trained on synthetic scenes of coloured shapes, nothing more.
+The shipped models live in `llava_token_reduction/assets/toy/{llava,visionzip,trim,prumerge}`. They are a toy:
+a 4-layer ViT and a 3-layer Llama trained on synthetic scenes of coloured shapes, nothing more.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(title="actions", dest="action", metavar="ACTION")
     actions.required = True
 
-    build = actions.add_parser("build", help="train CLIP and LLaVA from nothing and convert them (about 10 min)")
-    build.add_argument("out", metavar="OUT", help="output directory (clip/, llava/, visionzip/, trim/, build.json)")
+    build = actions.add_parser("build", help="train CLIP and LLaVA from nothing, convert (about 15 min, 2 cores)")
+    build.add_argument("out", metavar="OUT", help="output directory (checkpoints and build.json)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke run, not a model)")
     build.add_argument("--clip-steps", type=int, help="contrastive steps (default: the recipe's)")
