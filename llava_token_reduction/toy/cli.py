@@ -37,6 +37,7 @@ def register(subparsers) -> None:
     build.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke run, not a model)")
     build.add_argument("--clip-steps", type=int, help="contrastive steps (default: the recipe's)")
     build.add_argument("--llava-steps", type=int, help="LLaVA steps (default: the recipe's)")
+    build.add_argument("--llava-lr", type=float, help="LLaVA peak learning rate (default: the recipe's)")
     build.add_argument("--clip-from", metavar="DIR", help="reuse the CLIP of an earlier build (skips stage 1)")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(handler=run_build)
@@ -107,7 +108,8 @@ def run_build(args: argparse.Namespace) -> int:
     if args.quick:
         recipe = Recipe(seed=args.seed, train_images=64, clip_steps=3, clip_batch=8, llava_steps=3, llava_batch=4,
                         clip_check_groups=4)
-    changes = {k: v for k, v in (("clip_steps", args.clip_steps), ("llava_steps", args.llava_steps)) if v}
+    given = (("clip_steps", args.clip_steps), ("llava_steps", args.llava_steps), ("llava_lr", args.llava_lr))
+    changes = {k: v for k, v in given if v}
     if changes:
         from dataclasses import replace
 

@@ -20,9 +20,8 @@ from .train import TASK_WORDS, TOY_SHAPE
 SHIPPED = ("llava", "visionzip", "trim", "prumerge")
 ACCURACY_FILE = "accuracy.md"
 SCENE_FILE = "scene.png"
-# The demo's scene: held-out image 4 (yellow circle, red square, blue triangle; left to right), the first one with
-# three objects, one of each shape (chosen by that rule when the scenes changed, before any model saw it).
-DEMO_IMAGE_INDEX = 4
+# The demo's scene: held-out image 3 (purple circle, green triangle, purple square; left to right), see `demo_scene`.
+DEMO_IMAGE_INDEX = 3
 DEMO_QUESTION = "What color is the triangle?"
 
 WHAT = {
@@ -67,8 +66,8 @@ tuning) without downloading anything. It is not LLaVA-1.5 and not a model of any
 
 - **This checkpoint:** {what}; {how}.
 - **Architecture:** LLaVA-1.5's in miniature. Vision tower: a CLIP ViT (112-px images, 14-px patches, 64 patches
-  + CLS, 4 layers, width 64) trained contrastively with a 2-layer CLIP text tower on scene captions (CLIP's
-  tokenizer with one token per task word); projector: LLaVA's two-layer GELU MLP; language model: a
+  + CLS, 4 layers, width 64) trained contrastively with a 2-layer CLIP text tower on scene captions (byte-level
+  CLIP tokenizer); projector: LLaVA's two-layer GELU MLP; language model: a
   {TOY_SHAPE.text_layers}-layer Llama of width {TOY_SHAPE.text_hidden} with a word-level tokenizer over the task's
   {len(TASK_WORDS)} words (any other word is `<unk>`). {build_record['llava_parameters'] / 1e6:.1f} M parameters
   (LLaVA), stored in float16 (load with `dtype=torch.float32` on a CPU).

@@ -23,7 +23,6 @@ from transformers import (
     CLIPConfig,
     CLIPModel,
     CLIPProcessor,
-    CLIPTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -31,10 +30,10 @@ from transformers import (
 )
 
 from ..tiny import (
-    BYTE_ALPHABET,
     IMAGE_TOKEN,
     LLAVA_CHAT_TEMPLATE,
     TinyShape,
+    build_clip_tokenizer,
     build_image_processor,
     clip_text_config,
     llava_config_kwargs,
@@ -59,11 +58,6 @@ TASK_WORDS = (
     "user", "assistant", ":", "?", "what", "color", "shape", "is", "the", "object", "there", "a", "how", "many",
     "shapes", "are", "on", "left", "or", "right", "yes", "no", *COLORS, *SHAPES, *NUMBER_WORDS.values(),
 )
-# The toy CLIP reads the same words (and the captions' commas) as one token each. With a byte-level
-# vocabulary its 2-layer text tower had to assemble `triangle` from 8 bytes before it could tell
-# `red triangle, blue square` from `red square, blue triangle`.
-CLIP_WORDS = (",", *(word for word in TASK_WORDS if word != ":"))
-CAPTION_LENGTH = 24  # CLIP tokens of a caption, padded: BOS + at most 4 x (colour, shape, comma) + EOS
 
 
 @dataclass(frozen=True)
@@ -74,9 +68,9 @@ class Recipe:
     train_images: int = 6000
     questions_per_image: int = 5  # every kind the scene answers (the tower's features are computed once per image)
     test_images: int = 250
-    clip_steps: int = 700
+    clip_steps: int = 400
     clip_batch: int = 64
-    clip_lr: float = 3e-3
+    clip_lr: float = 2e-3
     llava_steps: int = 2000
     llava_batch: int = 32
     llava_lr: float = 1.5e-3
@@ -134,48 +128,15 @@ def _optimizer_step(loss, parameters, optimizer, scheduler, losses: list, bar) -
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
 
 
-def build_toy_clip_tokenizer() -> CLIPTokenizer:
-    """CLIP's own tokenizer class (BPE, lower-casing, BOS/EOS, 77 tokens) over the byte alphabet plus one merge
-    chain per word of `CLIP_WORDS`, so that every task word is a single token (`triangle</w>`) and any other
-    text still encodes, byte by byte."""
-    vocab = {character: index for index, character in enumerate(BYTE_ALPHABET)}
-    vocab.update({character + "</w>": len(BYTE_ALPHABET) + index for index, character in enumerate(BYTE_ALPHABET)})
-    ranks: dict[tuple[str, str], int] = {}
-    for word in CLIP_WORDS:
-        # What BPE makes of the word with the merges so far (`red` taught it r+e, so `green` starts g, re, e,
-        # n</w>); then new merges of the first two parts until the word is one token. A new merge ranks after
-        # every earlier one, so the words already done still merge as they did.
-        parts = _bpe([*word[:-1], word[-1] + "</w>"], ranks)
-        while len(parts) > 1:
-            ranks[(parts[0], parts[1])] = len(ranks)
-            vocab.setdefault(parts[0] + parts[1], len(vocab))
-            parts = _bpe(parts, ranks)
-    merges = sorted(ranks, key=ranks.get)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def _bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Byte-pair encoding of one word: merge the adjacent pair of lowest rank until none is a merge."""
-    while len(parts) > 1:
-        pairs = [(ranks.get(pair, len(ranks)), index) for index, pair in enumerate(zip(parts, parts[1:]))]
-        rank, index = min(pairs)
-        if rank == len(ranks):
-            break
-        parts = [*parts[:index], parts[index] + parts[index + 1], *parts[index + 2:]]
-    return parts
-
-
 def build_clip_processor(shape: TinyShape = TOY_SHAPE) -> CLIPProcessor:
-    return CLIPProcessor(image_processor=build_image_processor(shape), tokenizer=build_toy_clip_tokenizer())
+    return CLIPProcessor(image_processor=build_image_processor(shape), tokenizer=build_clip_tokenizer())
 
 
 def build_clip(shape: TinyShape = TOY_SHAPE) -> CLIPModel:
     vision_config = llava_config_kwargs(shape)["vision_config"]
     config = CLIPConfig(
-        text_config=clip_text_config(shape, build_toy_clip_tokenizer()).to_dict(),
-        vision_config=vision_config.to_dict(), projection_dim=shape.projection_dim,
+        text_config=clip_text_config(shape).to_dict(), vision_config=vision_config.to_dict(),
+        projection_dim=shape.projection_dim,
     )
     return CLIPModel(config)
 
@@ -199,7 +160,7 @@ def train_clip(recipe: Recipe, shape: TinyShape = TOY_SHAPE, progress: bool = Tr
 
 def _clip_inputs(processor, scenes) -> dict:
     return processor(images=[scene.render() for scene in scenes], text=[scene.caption() for scene in scenes],
-                     padding="max_length", max_length=CAPTION_LENGTH, return_tensors="pt")
+                     padding="max_length", max_length=77, return_tensors="pt")
 
 
 def build_llava(clip: CLIPModel, shape: TinyShape = TOY_SHAPE) -> LlavaForConditionalGeneration:
