@@ -35,10 +35,12 @@ def test_build_command_smoke_run(tmp_path, capsys):
     assert main(["toy", "build", str(out), "--quick", "--no-progress"]) == 0
     record = json.loads((out / "build.json").read_text())
     assert record["recipe"]["llava_steps"] == 3 and record["threads"] == 1
-    for kind in ("clip", "llava", "visionzip", "trim"):
+    for kind in ("clip", "llava", "visionzip", "trim", "prumerge"):
         weights = load_file(out / kind / "model.safetensors")
         assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}, kind
     assert json.loads((out / "visionzip" / "config.json").read_text())["model_type"] == "llava_visionzip"
+    assert json.loads((out / "prumerge" / "config.json").read_text())["model_type"] == "llava_prumerge"
+    assert set(record["clip_retrieval"]) == {"all", "scene", "mirror", "shape changed", "colour changed"}
     trim_config = json.loads((out / "trim" / "config.json").read_text())
     assert trim_config["model_type"] == "llava_trim" and trim_config["vision_config"]["image_size"] == 112
     # the TRIM checkpoint's vision tower is the CLIP's (convert verified it; check one tensor independently)
