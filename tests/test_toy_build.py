@@ -35,10 +35,12 @@ def test_build_command_smoke_run(tmp_path, capsys):
     assert main(["toy", "build", str(out), "--quick", "--no-progress"]) == 0
     record = json.loads((out / "build.json").read_text())
     assert record["recipe"]["llava_steps"] == 3 and record["threads"] == 1
-    for kind in ("clip", "llava", "visionzip", "trim"):
+    for kind in ("clip", "llava", "visionzip", "trim", "prumerge"):
         weights = load_file(out / kind / "model.safetensors")
         assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}, kind
     assert json.loads((out / "visionzip" / "config.json").read_text())["model_type"] == "llava_visionzip"
+    assert json.loads((out / "prumerge" / "config.json").read_text())["model_type"] == "llava_prumerge"
+    assert set(record["clip_retrieval"]) == {"all", "scene", "mirror", "shape changed", "colour changed"}
     trim_config = json.loads((out / "trim" / "config.json").read_text())
     assert trim_config["model_type"] == "llava_trim" and trim_config["vision_config"]["image_size"] == 112
     # the TRIM checkpoint's vision tower is the CLIP's (convert verified it; check one tensor independently)
@@ -46,6 +48,37 @@ def test_build_command_smoke_run(tmp_path, capsys):
     trim = load_file(out / "trim" / "model.safetensors")
     (trim_key,) = [k for k in trim if "vision_tower" in k and k.endswith("embeddings.patch_embedding.weight")]
     assert torch.equal(clip["vision_model.embeddings.patch_embedding.weight"], trim[trim_key])
+
+
+def test_clip_check_command_on_a_smoke_build(tmp_path, capsys):
+    out = tmp_path / "toy"
+    assert main(["toy", "build", str(out), "--quick", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["toy", "clip-check", "--models", str(out), "--groups", "3", "--probe-scenes", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("caption retrieval within 3 held-out groups of four (chance 25%): ")
+    assert [line.split(":")[0].strip() for line in lines[1:5]] == ["scene", "mirror", "shape changed", "colour changed"]
+    assert "shape" in lines[5] and "colour" in lines[5] and "centre patch" in lines[6]
+    assert main(["toy", "clip-check", "--models", str(tmp_path / "nothing")]) != 0
+    assert "no CLIP checkpoint in" in capsys.readouterr().err
+    assert main(["toy", "clip-check", "--models", str(out), "--groups", "0"]) != 0
+    assert "--groups must be >= 1" in capsys.readouterr().err
+
+
+def test_linear_probe_tells_separable_classes_and_not_random_labels():
+    """The probe itself, on data whose answer is known: classes that one feature separates are found (99% of
+    200, with 19 noise features to overfit), labels drawn independently of the features are not (about a
+    third of three classes)."""
+    from llava_token_reduction.toy.probe import linear_probe
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (600,), generator=generator)
+    features = torch.randn(600, 20, generator=generator)
+    separable = features.clone()
+    separable[:, 7] = labels * 5.0
+    assert linear_probe(separable[:400], labels[:400], separable[400:], labels[400:], 3) >= 0.95
+    shuffled = torch.randint(0, 3, (600,), generator=generator)
+    assert linear_probe(features[:400], shuffled[:400], features[400:], shuffled[400:], 3) < 0.45
 
 
 def test_cached_tower_features_give_the_model_s_own_loss():

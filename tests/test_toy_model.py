@@ -48,7 +48,8 @@ def results(split):
 
 def test_shipped_checkpoints_are_small_float16_and_labelled_as_toys():
     total = 0
-    for kind, model_type in (("llava", "llava"), ("visionzip", "llava_visionzip"), ("trim", "llava_trim")):
+    for kind, model_type in (("llava", "llava"), ("visionzip", "llava_visionzip"), ("trim", "llava_trim"),
+                             ("prumerge", "llava_prumerge")):
         directory = toy_checkpoint(kind)
         assert json.loads((directory / "config.json").read_text())["model_type"] == model_type
         weights = load_file(directory / "model.safetensors")
@@ -63,7 +64,7 @@ def test_shipped_checkpoints_are_small_float16_and_labelled_as_toys():
 def test_shipped_checkpoints_carry_no_code():
     """Inside the package the checkpoints load with the package's own classes: no copies of `modeling/` next to
     the weights (they would go stale) and no `auto_map` pointing at them."""
-    for kind in ("llava", "visionzip", "trim"):
+    for kind in ("llava", "visionzip", "trim", "prumerge"):
         directory = toy_checkpoint(kind)
         assert not list(directory.rglob("*.py")), kind
         for path in directory.rglob("*.json"):
@@ -80,7 +81,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 import llava_token_reduction
 from llava_token_reduction.toy import toy_checkpoint
-for kind in ("llava", "visionzip", "trim"):
+for kind in ("llava", "visionzip", "trim", "prumerge"):
     model, info = AutoModelForImageTextToText.from_pretrained(
         toy_checkpoint(kind), dtype=torch.float32, output_loading_info=True)
     processor = AutoProcessor.from_pretrained(toy_checkpoint(kind))
@@ -90,10 +91,11 @@ for kind in ("llava", "visionzip", "trim"):
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:3] == [
+    assert result.stdout.split("\n")[:4] == [
         "llava LlavaForConditionalGeneration LlavaProcessor",
         "visionzip LlavaVisionZipForConditionalGeneration LlavaProcessor",
         "trim LlavaTrimForConditionalGeneration LlavaTrimProcessor",
+        "prumerge LlavaPruMergeForConditionalGeneration LlavaProcessor",
     ]
 
 
@@ -158,7 +160,7 @@ def test_the_shipped_accuracy_table_is_what_the_weights_give(results):
     assert f"{100 * fresh.accuracy:.1f}" == f"{shipped:.1f}"
 
 
-@pytest.mark.parametrize("kind", ["llava", "visionzip", "trim"])
+@pytest.mark.parametrize("kind", ["llava", "visionzip", "trim", "prumerge"])
 def test_model_card_snippet_runs_and_answers_with_a_task_word(kind, capsys):
     from llava_token_reduction.toy.scenes import COLORS, NUMBER_WORDS, SHAPES
 

@@ -1,6 +1,6 @@
 """The toy model: a tiny CLIP + LLaVA trained here, on synthetic scenes of coloured shapes, shipped in the package.
 
-`toy_checkpoint("llava" | "visionzip" | "trim")` is the directory of a shipped checkpoint (load it with
+`toy_checkpoint("llava" | "visionzip" | "trim" | "prumerge")` is the directory of a shipped checkpoint (load it with
 `AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)`); `toy_checkpoint("scene.png")` the
 bundled demo scene. `llava-token-reduction toy --help` lists the commands that build, evaluate and tune it;
 docs/toy_model.md describes the task, the training and the results.

@@ -6,6 +6,7 @@ Writes
     OUT/llava/      the stock LlavaForConditionalGeneration trained on the QA train split, with its processor
     OUT/visionzip/  `convert visionzip OUT/llava` (54+10 by default; any budget at load time)
     OUT/trim/       `convert trim OUT/llava --clip OUT/clip`
+    OUT/prumerge/   `convert prumerge OUT/llava` (PruMerge; PruMerge+ with `prumerge_plus=True` at load time)
     OUT/build.json  the recipe, losses, times and held-out accuracies
 
 Training runs on one CPU thread: on a shared 2-core machine that is faster than two for models this small,
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .scenes import TEST_SEED, TRAIN_SEED, make_split
-from .train import Recipe, build_clip_processor, build_toy_processor, clip_retrieval_accuracy, train_clip, train_llava
+from .probe import retrieval_by_member
+from .scenes import TRAIN_SEED, make_split
+from .train import Recipe, build_clip_processor, build_toy_processor, train_clip, train_llava
 
 
 # Half the bytes of float32, and the toy's accuracy does not notice (the shipped numbers are measured on it).
@@ -42,12 +44,18 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(previous)
 
 
-def build(out, recipe: Recipe = Recipe(), progress: bool = True, threads: int | None = 1,
+def _first_last(losses: list[float]) -> list[float]:
+    """The first loss and the mean of the last 50 (one step's loss is noisy)."""
+    return [round(losses[0], 4), round(sum(losses[-50:]) / len(losses[-50:]), 4)]
+
+
+def build(out, recipe: Recipe | None = None, progress: bool = True, threads: int | None = 1,
           dtype: str = SHIPPED_DTYPE, clip_from=None) -> dict:
     """Train and convert into `out`; every checkpoint is stored in `dtype` (trained in float32). `clip_from`:
     a CLIP checkpoint from an earlier build to reuse instead of training stage 1 again."""
-    from ..conversion.converter import convert_trim, convert_visionzip
+    from ..conversion.converter import convert_prumerge, convert_trim, convert_visionzip
 
+    recipe = recipe or Recipe()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch_threads(threads):
@@ -63,7 +71,7 @@ def build(out, recipe: Recipe = Recipe(), progress: bool = True, threads: int | 
         # Rounded before stage 2, so that LLaVA trains on the tower it ships with.
         clip.to(torch_dtype).save_pretrained(out / "clip")
         clip.float()
-        retrieval = clip_retrieval_accuracy(clip, groups=recipe.clip_check_groups)
+        retrieval = retrieval_by_member(clip, groups=recipe.clip_check_groups)
         build_clip_processor().save_pretrained(out / "clip")
         clip_seconds = time.monotonic() - started
 
@@ -75,19 +83,20 @@ def build(out, recipe: Recipe = Recipe(), progress: bool = True, threads: int | 
         options = {"overwrite": True, "progress": False, "license": "apache-2.0"}
         convert_visionzip(out / "llava", out / "visionzip", **options)
         convert_trim(out / "llava", out / "trim", clip=str(out / "clip"), **options)
+        convert_prumerge(out / "llava", out / "prumerge", **options)
         record = {
             "recipe": dataclasses.asdict(recipe),
             "clip_from": str(clip_from) if clip_from else None,
             "train_questions": len(train.questions),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "clip_retrieval": round(retrieval, 4),
+            "clip_retrieval": {name: round(value, 4) for name, value in retrieval.items()},
             "llava_parameters": sum(p.numel() for p in llava.parameters()),
             "clip_seconds": round(clip_seconds, 1),
             "llava_seconds": round(llava_seconds, 1),
             "total_seconds": round(time.monotonic() - started, 1),
-            "clip_loss_first_last": [round(clip_losses[0], 4), round(sum(clip_losses[-50:]) / len(clip_losses[-50:]), 4)],
-            "llava_loss_first_last": [round(llava_losses[0], 4), round(sum(llava_losses[-50:]) / len(llava_losses[-50:]), 4)],
+            "clip_loss_first_last": _first_last(clip_losses),
+            "llava_loss_first_last": _first_last(llava_losses),
         }
     (out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
     return record

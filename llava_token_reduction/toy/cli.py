@@ -1,15 +1,16 @@
 """`llava-token-reduction toy ...`: the small trained model that ships with the package.
 
     toy build OUT [--quick]                   train CLIP and LLaVA from nothing, convert, write OUT/...
-    toy eval [--models DIR] [--plot PNG]      held-out accuracy vs image tokens, stock / VisionZip / TRIM
+    toy eval [--models DIR] [--plot PNG]      held-out accuracy vs image tokens, stock and every reduction
     toy ship BUILD                            copy a build into the package (cards, accuracy table, scene)
+    toy clip-check [--models DIR]             does the CLIP tell shapes and sides apart (retrieval, linear probe)
     toy selection [--models DIR]              what TRIM (both signs) and VisionZip keep, against the scenes
     toy tune OUT [--models DIR]               VisionZip at a small budget, projector tuned with it on, then
                                               `convert --projector`; accuracy before and after
     toy data OUT [--split train|test]         write a split as LLaVA instruction data (JSON + PNG images)
 
-The shipped models live in `llava_token_reduction/assets/toy/{llava,visionzip,trim,clip}`. They are a toy:
-a 4-layer ViT and a 2-layer Llama trained on synthetic scenes of coloured shapes, nothing more.
+The shipped models live in `llava_token_reduction/assets/toy/{llava,visionzip,trim,prumerge}`. They are a toy:
+a 4-layer ViT and a 3-layer Llama trained on synthetic scenes of coloured shapes, nothing more.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(title="actions", dest="action", metavar="ACTION")
     actions.required = True
 
-    build = actions.add_parser("build", help="train CLIP and LLaVA from nothing and convert them (about 10 min)")
-    build.add_argument("out", metavar="OUT", help="output directory (clip/, llava/, visionzip/, trim/, build.json)")
+    build = actions.add_parser("build", help="train CLIP and LLaVA from nothing, convert (about 15 min, 2 cores)")
+    build.add_argument("out", metavar="OUT", help="output directory (checkpoints and build.json)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke run, not a model)")
     build.add_argument("--clip-steps", type=int, help="contrastive steps (default: the recipe's)")
     build.add_argument("--llava-steps", type=int, help="LLaVA steps (default: the recipe's)")
+    build.add_argument("--llava-lr", type=float, help="LLaVA peak learning rate (default: the recipe's)")
     build.add_argument("--clip-from", metavar="DIR", help="reuse the CLIP of an earlier build (skips stage 1)")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(handler=run_build)
@@ -55,6 +57,13 @@ def register(subparsers) -> None:
     ship.add_argument("--plot", metavar="PNG", help="also draw accuracy vs image tokens")
     ship.add_argument("--no-progress", action="store_true")
     ship.set_defaults(handler=run_ship)
+
+    check = actions.add_parser("clip-check", help="does the toy CLIP tell shapes and sides apart (about a minute)")
+    check.add_argument("--models", metavar="DIR", help="a `toy build` output with clip/ (default: the shipped models)")
+    check.add_argument("--groups", type=int, default=100, help="held-out contrastive groups (default 100)")
+    check.add_argument("--probe-scenes", type=int, default=1500, help="scenes the linear probes train on (default "
+                       "1500; they test on a fifth as many others)")
+    check.set_defaults(handler=run_clip_check)
 
     experiments = actions.add_parser("selection", help="what TRIM (both signs) and VisionZip keep, against the scenes")
     experiments.add_argument("--models", metavar="DIR", help="a `toy build` output (default: the shipped models)")
@@ -99,7 +108,8 @@ def run_build(args: argparse.Namespace) -> int:
     if args.quick:
         recipe = Recipe(seed=args.seed, train_images=64, clip_steps=3, clip_batch=8, llava_steps=3, llava_batch=4,
                         clip_check_groups=4)
-    changes = {k: v for k, v in (("clip_steps", args.clip_steps), ("llava_steps", args.llava_steps)) if v}
+    given = (("clip_steps", args.clip_steps), ("llava_steps", args.llava_steps), ("llava_lr", args.llava_lr))
+    changes = {k: v for k, v in given if v}
     if changes:
         from dataclasses import replace
 
@@ -160,6 +170,23 @@ def run_selection(args: argparse.Namespace) -> int:
         print(trim_sign_report(_root(args), split, limit=args.limit, progress=not args.no_progress))
         print()
         print(visionzip_object_report(_root(args), split))
+    return 0
+
+
+def run_clip_check(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import CLIPModel
+
+    from .probe import clip_report
+
+    if args.groups < 1 or args.probe_scenes < 5:
+        raise ValueError(f"--groups must be >= 1 and --probe-scenes >= 5, got {args.groups} and {args.probe_scenes}")
+    directory = _root(args) / "clip"
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"no CLIP checkpoint in {directory} (a `toy build` output has one in clip/)")
+    with torch_threads(1):
+        model = CLIPModel.from_pretrained(directory, dtype=torch.float32).eval()
+        print(clip_report(model, groups=args.groups, probe_scenes=args.probe_scenes))
     return 0
 
 

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import ASSETS
 from .scenes import QUESTION_KINDS, TEST_SEED, Question, Split, chance_accuracy, make_split
 from .train import prompt_text
 
 
-from . import ASSETS
 TEST_IMAGES = 250  # the held-out split: 250 scenes, 2 questions each
 MAX_ANSWER_TOKENS = 4  # one word + </s>, with room to see a model that rambles
 
@@ -27,7 +27,7 @@ MAX_ANSWER_TOKENS = 4  # one word + </s>, with room to see a model that rambles
 @dataclass(frozen=True)
 class Setting:
     label: str
-    kind: str  # checkpoint folder: llava, visionzip or trim
+    kind: str  # checkpoint folder: llava, visionzip, trim or prumerge
     overrides: dict = field(default_factory=dict)
 
 
@@ -46,7 +46,12 @@ TRIM_SETTINGS = (
     Setting("TRIM bounded 8-16, sign False", "trim",
             {"trim_min_tokens": 8, "trim_max_tokens": 16, "trim_negate_similarity": False}),
 )
-DEFAULT_SETTINGS = (STOCK, *(visionzip_setting(d, c) for d, c in VISIONZIP_BUDGETS), *TRIM_SETTINGS)
+PRUMERGE_SETTINGS = (
+    Setting("PruMerge", "prumerge", {}),
+    Setting("PruMerge+", "prumerge", {"prumerge_plus": True}),
+)
+DEFAULT_SETTINGS = (STOCK, *(visionzip_setting(d, c) for d, c in VISIONZIP_BUDGETS), *TRIM_SETTINGS,
+                    *PRUMERGE_SETTINGS)
 
 
 def test_split(images: int = TEST_IMAGES) -> Split:
@@ -88,7 +93,7 @@ class Result:
 def image_token_counts(model, inputs) -> list[int]:
     """Tokens per image that the language model sees: the reduced models' `get_image_features` lengths, or
     the placeholder count for stock LLaVA."""
-    if not hasattr(model.config, "dominant_tokens") and not hasattr(model.config, "clip_text_config"):
+    if model.config.model_type == "llava":
         per_row = (inputs["input_ids"] == model.config.image_token_id).sum(dim=1)
         return per_row.tolist()
     extra = {k: inputs[k] for k in ("clip_input_ids", "clip_attention_mask") if k in inputs}

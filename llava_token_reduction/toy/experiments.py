@@ -68,8 +68,9 @@ def trim_sign_report(root, split, limit: int | None = None, progress: bool = Tru
         label = "TRIM adaptive" + ("" if negate else ", sign False")
         accuracy = evaluate([Setting(label, "trim", {"trim_negate_similarity": negate})], root=root, split=split,
                             progress=progress)[0].accuracy
-        lines.append(f"| {negate}{' (released)' if negate else ''} | {stats['kept']:.1f} | {100 * stats['on_object']:.0f}% "
-                     f"| {100 * stats['on_any']:.0f}% | {100 * stats['hit']:.0f}% | {100 * stats['object_share']:.0f}% "
+        lines.append(f"| {negate}{' (released)' if negate else ''} | {stats['kept']:.1f} "
+                     f"| {100 * stats['on_object']:.0f}% | {100 * stats['on_any']:.0f}% | {100 * stats['hit']:.0f}% "
+                     f"| {100 * stats['object_share']:.0f}% "
                      f"| {100 * accuracy:.1f}% |")
     lines.append(f"\n{len(questions)} held-out questions that name an object (colour, shape, exists-yes, side).")
     return "\n".join(lines)

@@ -9,8 +9,8 @@ def accuracy_plot(results, path, title: str = "Toy LLaVA (synthetic shapes), hel
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .scenes import chance_accuracy
     from .evaluate import test_split
+    from .scenes import chance_accuracy
 
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
     groups: dict[str, list] = {}
@@ -21,8 +21,13 @@ def accuracy_plot(results, path, title: str = "Toy LLaVA (synthetic shapes), hel
             continue
         family = result.setting.kind if "sign False" not in result.setting.label else "trim (sign False)"
         groups.setdefault(family, []).append(result)
-    styles = {"visionzip": ("tab:blue", "o", "VisionZip (fixed budget)"), "visionzip-tuned": ("tab:green", "*", "VisionZip, tuned projector"),
-              "trim": ("tab:red", "s", "TRIM (mean tokens; sign True)"), "trim (sign False)": ("tab:orange", "^", "TRIM, sign False")}
+    styles = {
+        "visionzip": ("tab:blue", "o", "VisionZip (fixed budget)"),
+        "visionzip-tuned": ("tab:green", "*", "VisionZip, tuned projector"),
+        "trim": ("tab:red", "s", "TRIM (mean tokens; sign True)"),
+        "trim (sign False)": ("tab:orange", "^", "TRIM, sign False"),
+        "prumerge": ("tab:purple", "D", "PruMerge / PruMerge+ (mean tokens)"),
+    }
     for family, members in groups.items():
         color, marker, label = styles.get(family, ("gray", "x", family))
         members = sorted(members, key=lambda r: r.mean_tokens)

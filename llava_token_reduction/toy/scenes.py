@@ -127,7 +127,8 @@ def object_patches(item: SceneObject, patch_size: int = 14) -> list[int]:
     grid = IMAGE_SIZE // patch_size
     low = lambda v: max(0, (v - item.radius) // patch_size)  # noqa: E731
     high = lambda v: min(grid - 1, (v + item.radius) // patch_size)  # noqa: E731
-    return [row * grid + col for row in range(low(item.y), high(item.y) + 1) for col in range(low(item.x), high(item.x) + 1)]
+    rows, cols = range(low(item.y), high(item.y) + 1), range(low(item.x), high(item.x) + 1)
+    return [row * grid + col for row in rows for col in cols]
 
 
 def make_scene(rng: np.random.Generator, noise_seed: int) -> Scene:

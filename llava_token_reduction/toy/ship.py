@@ -17,7 +17,7 @@ from .scenes import TEST_SEED, make_split
 from .train import TASK_WORDS, TOY_SHAPE
 
 
-SHIPPED = ("llava", "visionzip", "trim")
+SHIPPED = ("llava", "visionzip", "trim", "prumerge")
 ACCURACY_FILE = "accuracy.md"
 SCENE_FILE = "scene.png"
 # The demo's scene: held-out image 3 (purple circle, green triangle, purple square; left to right), see `demo_scene`.
@@ -32,6 +32,9 @@ WHAT = {
     "trim": ("LLaVA with TRIM (`llava_trim`), adaptive token count, question scored with the toy CLIP's text tower",
              "`llava-token-reduction convert trim` of the `llava` checkpoint with the toy CLIP (`--clip`): the same "
              "LLaVA weights plus the CLIP text tower and `visual_projection`"),
+    "prumerge": ("LLaVA with PruMerge (`llava_prumerge`), adaptive token count from the CLS attention's outliers; "
+                 "PruMerge+ with `prumerge_plus=True` at load time",
+                 "`llava-token-reduction convert prumerge` of the `llava` checkpoint: the same weights"),
 }
 
 
@@ -63,9 +66,10 @@ tuning) without downloading anything. It is not LLaVA-1.5 and not a model of any
 
 - **This checkpoint:** {what}; {how}.
 - **Architecture:** LLaVA-1.5's in miniature. Vision tower: a CLIP ViT (112-px images, 14-px patches, 64 patches
-  + CLS, 4 layers, width 64) trained contrastively with a 2-layer CLIP text tower on scene captions; projector:
-  LLaVA's two-layer GELU MLP; language model: a {TOY_SHAPE.text_layers}-layer Llama of width {TOY_SHAPE.text_hidden} with a word-level
-  tokenizer over the task's {len(TASK_WORDS)} words (any other word is `<unk>`). {build_record['llava_parameters'] / 1e6:.1f} M parameters
+  + CLS, 4 layers, width 64) trained contrastively with a 2-layer CLIP text tower on scene captions (byte-level
+  CLIP tokenizer); projector: LLaVA's two-layer GELU MLP; language model: a
+  {TOY_SHAPE.text_layers}-layer Llama of width {TOY_SHAPE.text_hidden} with a word-level tokenizer over the task's
+  {len(TASK_WORDS)} words (any other word is `<unk>`). {build_record['llava_parameters'] / 1e6:.1f} M parameters
   (LLaVA), stored in float16 (load with `dtype=torch.float32` on a CPU).
 - **Training:** CLIP {recipe['clip_steps']} steps x {recipe['clip_batch']} fresh scenes (groups of a scene, its mirror
   image, one shape changed, one colour changed); LLaVA (vision tower frozen, projector + language model from

@@ -17,16 +17,28 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tqdm.auto import tqdm
 from transformers import (
-    CLIPConfig, CLIPModel, CLIPProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+    CLIPConfig,
+    CLIPModel,
+    CLIPProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
-from ..tiny import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, TinyShape, build_clip_tokenizer, build_image_processor
-from ..tiny import clip_text_config, llava_config_kwargs
-from .scenes import COLORS, NUMBER_WORDS, SHAPES, Question, Split, contrastive_group, make_scene
+from ..tiny import (
+    IMAGE_TOKEN,
+    LLAVA_CHAT_TEMPLATE,
+    TinyShape,
+    build_clip_tokenizer,
+    build_image_processor,
+    clip_text_config,
+    llava_config_kwargs,
+)
+from .scenes import COLORS, NUMBER_WORDS, SHAPES, Question, Split, contrastive_group
 
 
 # LLaVA-1.5 in miniature: 112-pixel images, 14-pixel patches (64 patches + CLS), a 4-layer ViT, a 3-layer
@@ -37,7 +49,7 @@ TOY_SHAPE = TinyShape(
     text_initializer_range=0.02,
 )
 CLIP_DATA_SEED = 3  # scenes for contrastive training are drawn fresh from this seed, never from the splits
-CLIP_CHECK_SEED = 4  # the held-out scene groups of `clip_retrieval_accuracy`
+CLIP_CHECK_SEED = 4  # the held-out scene groups of `probe.retrieval_by_member`
 QA_LENGTH = 64 + 20  # image placeholders + the longest question and answer with the template (18 words)
 # The toy language model's vocabulary: the chat template's words, the questions' and the answers'. One token
 # per word, so an answer is one token and a question a handful (with bytes, the first pass's 2-layer model
@@ -63,7 +75,7 @@ class Recipe:
     llava_batch: int = 32
     llava_lr: float = 1.5e-3
     warmup_fraction: float = 0.05
-    clip_check_groups: int = 100  # held-out groups for `clip_retrieval_accuracy`
+    clip_check_groups: int = 100  # held-out groups for `probe.retrieval_by_member`
 
 
 def build_toy_tokenizer() -> PreTrainedTokenizerFast:
@@ -139,8 +151,8 @@ def train_clip(recipe: Recipe, shape: TinyShape = TOY_SHAPE, progress: bool = Tr
     losses = []
     bar = tqdm(range(recipe.clip_steps), desc="CLIP (contrastive)", disable=not progress)
     for step in bar:
-        scenes = [scene for i in range(recipe.clip_batch // 4)
-                  for scene in contrastive_group(rng, noise_seed=CLIP_DATA_SEED * 7_000_001 + step * recipe.clip_batch + i)]
+        first_seed = CLIP_DATA_SEED * 7_000_001 + step * recipe.clip_batch
+        scenes = [scene for i in range(recipe.clip_batch // 4) for scene in contrastive_group(rng, first_seed + i)]
         loss = model(**_clip_inputs(processor, scenes), return_loss=True).loss
         _optimizer_step(loss, list(model.parameters()), optimizer, scheduler, losses, bar)
     return model.eval(), losses
@@ -149,20 +161,6 @@ def train_clip(recipe: Recipe, shape: TinyShape = TOY_SHAPE, progress: bool = Tr
 def _clip_inputs(processor, scenes) -> dict:
     return processor(images=[scene.render() for scene in scenes], text=[scene.caption() for scene in scenes],
                      padding="max_length", max_length=77, return_tensors="pt")
-
-
-def clip_retrieval_accuracy(model: CLIPModel, groups: int = 100, shape: TinyShape = TOY_SHAPE) -> float:
-    """How often an image's own caption scores highest among its group's four (itself mirrored, one shape
-    changed, one colour changed; chance 25%), on groups drawn from `CLIP_CHECK_SEED`: whether the tower tells
-    shapes and left from right, not only colours."""
-    processor = build_clip_processor(shape)
-    rng = np.random.default_rng(CLIP_CHECK_SEED)
-    hits = []
-    with torch.no_grad():
-        for index in range(groups):
-            logits = model(**_clip_inputs(processor, contrastive_group(rng, CLIP_CHECK_SEED * 7_000_001 + index)))
-            hits += (logits.logits_per_image.argmax(dim=1) == torch.arange(4)).tolist()
-    return float(np.mean(hits))
 
 
 def build_llava(clip: CLIPModel, shape: TinyShape = TOY_SHAPE) -> LlavaForConditionalGeneration:
@@ -240,7 +238,7 @@ def train_llava(clip: CLIPModel, train: Split, recipe: Recipe, shape: TinyShape 
     order: list[int] = []
     losses = []
     bar = tqdm(range(recipe.llava_steps), desc="LLaVA (projector + LM)", disable=not progress)
-    for step in bar:
+    for _ in bar:
         if len(order) < recipe.llava_batch:
             order += torch.randperm(len(train.questions), generator=generator).tolist()
         picked, order = order[: recipe.llava_batch], order[recipe.llava_batch:]

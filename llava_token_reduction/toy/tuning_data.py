@@ -78,9 +78,10 @@ def projector_experiment(out, models, dominant: int, contextual: int, *, max_sam
     results += evaluate([Setting(f"VisionZip {dominant}+{contextual}, tuned projector", "visionzip-tuned")],
                         root=out, split=split, limit=limit, progress=progress)
     summary = json.loads((out / "tune" / "summary.json").read_text())
+    shown = {k: summary[k] for k in summary if "loss" in k or "seconds" in k or k == "steps"}
     report = table(results, questions) + (
         f"\n\nprojector tuned on {max_samples} train-split records, {epochs} epoch(s), lr {learning_rate}, "
-        f"batch {batch_size}; tune summary: {json.dumps({k: summary[k] for k in summary if 'loss' in k or 'seconds' in k or k == 'steps'})}"
+        f"batch {batch_size}; tune summary: {json.dumps(shown)}"
     )
     (out / "report.md").write_text(report + "\n")
     return report
