@@ -13,6 +13,7 @@ import torch
 
 from conversion_inputs import save_clip, vision_state_of
 from llava_token_reduction import LlavaVisionZipForConditionalGeneration, cli, demo
+from llava_token_reduction.shared_weights import twin
 
 
 # Few repeats and tokens keep the whole file fast; the numbers checked here do not depend on them.
@@ -259,7 +260,7 @@ def test_twins_share_weights_with_the_model(demo_models):
     model, _ = demo_models["trim"]
     tensors = {name: tensor.data_ptr() for name, tensor in model.state_dict().items()}
     stock = demo.stock_twin(model)
-    visionzip = demo.twin(model, LlavaVisionZipForConditionalGeneration, dominant_tokens=108, contextual_tokens=20)
+    visionzip = twin(model, LlavaVisionZipForConditionalGeneration, dominant_tokens=108, contextual_tokens=20)
     assert type(stock).__name__ == "LlavaForConditionalGeneration"
     assert (visionzip.config.dominant_tokens, visionzip.config.contextual_tokens) == (108, 20)
     assert not hasattr(stock.config, "clip_text_config") and not hasattr(visionzip.config, "trim_iqr_multiplier")
