@@ -13,6 +13,9 @@ they meet: its class names (`model_type`, `config_class_name`, ...) are those of
 method supports, and `other_families` lists its classes in the other families (VisionZip on LLaVA-NeXT). A tool
 asks `method.classes(family_name)` (refused with a `ValueError` naming the methods the family has) or
 `find_model_type(model_type)` for any family's checkpoint.
+
+Why one file of ~400 lines: the entry's fields and the three entries are read together (a contributor adding a
+method copies an entry and fills each field next to its comment), and the lookups below are a few lines each.
 """
 
 from __future__ import annotations
