@@ -19,7 +19,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-from llava_next_published import PUBLISHED_CONFIG, PUBLISHED_PREPROCESSOR_CONFIG, PUBLISHED_PROCESSOR_CONFIG
+from llava_next_published import (
+    PUBLISHED_CONFIG,
+    PUBLISHED_PREPROCESSOR_CONFIG,
+    PUBLISHED_PROCESSOR_CONFIG,
+    legacy_state_dict,
+)
 from llava_token_reduction.tiny import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, TEST_SHAPE, build_llm_tokenizer
 from llava_token_reduction.tiny_next import grid_pinpoints, llava_next_config_kwargs
 
@@ -46,22 +51,6 @@ def published_shaped_config(shape=TEST_SHAPE, tokenizer=None) -> dict:
         patch_size=vision.patch_size, projection_dim=vision.projection_dim,
     )
     return config
-
-
-def legacy_state_dict(model) -> dict:
-    """`model`'s tensors under the published (pre-4.52) llava-hf LLaVA-NeXT names."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith("model.language_model."):
-            key = "language_model.model." + name[len("model.language_model."):]
-        elif name == "lm_head.weight":
-            key = "language_model.lm_head.weight"
-        elif name.startswith("model.vision_tower."):
-            key = "vision_tower.vision_model." + name[len("model.vision_tower."):]
-        else:
-            key = name[len("model."):]
-        state[key] = tensor.contiguous()
-    return state
 
 
 def save_published_shaped(directory, shape=TEST_SHAPE, seed: int = 0, dtype=torch.float16):

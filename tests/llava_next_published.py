@@ -86,19 +86,28 @@ def save_published_files(directory, with_tokenizer: bool = True):
     return directory
 
 
-def published_stock_checkpoint(model, processor, directory, shape=None):
-    """A tiny stock llava-hf LLaVA-NeXT checkpoint in the published key layout (`language_model.model.*`,
-    `language_model.lm_head.*`, `image_newline` at the root) and its processor."""
+def legacy_state_dict(model) -> dict:
+    """`model`'s tensors under the published (pre-4.52) llava-hf LLaVA-NeXT names."""
     state = {}
     for name, tensor in model.state_dict().items():
         if name.startswith("model.language_model."):
             key = "language_model.model." + name[len("model.language_model."):]
         elif name == "lm_head.weight":
             key = "language_model.lm_head.weight"
+        elif name.startswith("model.vision_tower."):
+            key = "vision_tower.vision_model." + name[len("model.vision_tower."):]
         else:
             key = name[len("model."):]
         state[key] = tensor.contiguous()
-    assert "image_newline" in state and "vision_tower.vision_model.embeddings.patch_embedding.weight" not in state
+    return state
+
+
+def published_stock_checkpoint(model, processor, directory, shape=None):
+    """A tiny stock llava-hf LLaVA-NeXT checkpoint in the published key layout (`language_model.model.*`,
+    `language_model.lm_head.*`, `vision_tower.vision_model.*`, `image_newline` at the root) and its processor."""
+    state = legacy_state_dict(model)
+    # As written by transformers 4.x: the CLIP vision model's own `vision_model` level under `vision_tower`.
+    assert "image_newline" in state and "vision_tower.vision_model.embeddings.patch_embedding.weight" in state
     save_file(state, os.fspath(directory / "model.safetensors"), metadata={"format": "pt"})
     kwargs = llava_next_config_kwargs(*(() if shape is None else (shape,)), tokenizer=processor.tokenizer)
     config = LlavaNextConfig(**kwargs)
