@@ -82,8 +82,12 @@ def test_tiny_run_reports_every_method_and_field(tiny_report):
     figures = {(figure["method"], figure["kind"]): figure for figure in report["figures"]}
     assert set(figures) == {
         (name, kind) for name in ("visionzip-192", "visionzip-128", "visionzip-64", "trim", "prumerge", "prumerge-plus")
-        for kind in ("reduction_over_vision", "prefill_speedup_fraction")
+        for kind in ("reduction_over_vision", "prefill_speedup_fraction", "vision_vs_stock")
     }
+    vision = figures["visionzip-64", "vision_vs_stock"]
+    vision_ms = {name: rows[name]["vision_ms"]["median"] for name in ("stock", "visionzip-64")}
+    assert vision["value"] == pytest.approx(vision_ms["visionzip-64"] / vision_ms["stock"])
+    assert vision["predicted"] == pytest.approx(rows["visionzip-64"]["vision_flops"] / rows["stock"]["vision_flops"])
     assert figures["trim", "reduction_over_vision"]["value"] == rows["trim"]["reduction_over_vision"]
     fraction = figures["visionzip-64", "prefill_speedup_fraction"]["value"]
     assert fraction == rows["visionzip-64"]["prefill_speedup_fraction"]
