@@ -201,3 +201,14 @@ def test_a_stock_checkpoint_skips_the_rows_that_need_the_clip_text_tower(tmp_pat
     ]
     assert (workload.models["vz"].config.dominant_tokens, workload.models["vz"].config.contextual_tokens) == (6, 2)
     assert set(workload.inputs["vz"]) == set(workload.inputs["stock"]) and "clip_input_ids" not in workload.inputs["vz"]
+
+
+def test_committed_reports_name_their_figures_not_pass_marks():
+    """The benchmark write-ups say what a figure is ("measured / FLOP-predicted speed-up"), not whether it passed."""
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    for path in [benchmarks / "README.md", *sorted((benchmarks / "results").glob("*.md"))]:
+        text = path.read_text()
+        for wording in ("MET:", "MISSED", "Targets:", "the issue's target"):
+            assert wording not in text, (path.name, wording)

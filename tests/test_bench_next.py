@@ -105,6 +105,7 @@ def test_next_report_counts_tokens_crops_layers_kv_and_flops(next_run):
     assert "(LLaVA-NeXT)" in markdown and "picture 672x672, 5 crops per image" in markdown
     assert "| visionzip-160 | 160 |" in markdown and "| 5 × 2 |" in markdown and "| 5 × 3 |" in markdown
     assert "CLIP text" not in markdown.split("\n")[2]
+    assert not any(word in markdown for word in ("Targets", "MET", "MISSED", "target"))
 
 
 def test_next_batch_cells_count_every_crop_and_the_stock_projection(next_run):
