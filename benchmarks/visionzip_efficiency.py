@@ -96,6 +96,7 @@ def run(args) -> dict:
 
     from llava_token_reduction.bench import (
         Method,
+        budget_row_name,
         build_checkpoint_workload,
         family_of_model_type,
         image_tokens_kept,
@@ -110,7 +111,7 @@ def run(args) -> dict:
     family, _ = family_of_model_type(AutoConfig.from_pretrained(args.model).model_type)
     # Named by the tokens per image on the family's reference picture (LLaVA-NeXT: a 2x2 grid, 5 crops).
     rows = [Method("stock", "stock")] + [
-        Method(f"visionzip-{family.reference_crops * (d + c)}", "visionzip", d, c) for d, c in args.budgets
+        Method(budget_row_name("visionzip", d + c, family.reference_crops), "visionzip", d, c) for d, c in args.budgets
     ]
     workload = build_checkpoint_workload(args.model, pictures[0], args.question, rows, dtype=args.dtype,
                                          device=args.device, attn_implementation=args.attn_implementation)

@@ -49,7 +49,7 @@ default rows), `flops` (analytic FLOPs), `workloads` (rows, models on shared wei
 from .batching import batch_rows, generate_flops, weights_bytes
 from .builders import build_checkpoint_workload, build_preset_workload
 from .command import register, run
-from .families import FAMILIES, LLAVA, LLAVA_NEXT, BenchFamily, family_of_model_type
+from .families import FAMILIES, LLAVA, LLAVA_NEXT, BenchFamily, budget_row_name, family_of_model_type
 from .flops import (
     clip_text_tower_flops,
     lm_prefill_flops,
@@ -86,12 +86,12 @@ from .workloads import (
 
 
 __all__ = [
-    "batch_images", "batch_rows", "BenchFamily", "BenchShape", "build_checkpoint_workload", "build_models",
-    "build_preset_workload", "clip_text_tower_flops", "clock_of", "CudaPeak", "DEFAULT_METHODS", "default_methods",
-    "DEFAULT_QUESTION", "FAMILIES", "family_of_model_type", "figures", "fit_image", "generate_flops",
-    "image_feature_inputs", "image_tokens_kept", "kv_cache_bytes", "LLAVA", "LLAVA_NEXT", "lm_prefill_flops",
-    "machine_info", "measure_attention_acquisition", "measure_generate", "memory_meter", "Method", "PeakRSS",
-    "PRESETS", "projector_flops", "RANDOM_WEIGHTS_NOTICE", "register", "render_batch_plot", "render_markdown",
-    "render_plot", "run", "run_benchmark", "SAMPLE_IMAGE", "shape_flops", "shape_prefill_flops", "vision_tower_flops",
-    "weights_bytes", "Workload", "write_outputs",
+    "batch_images", "batch_rows", "BenchFamily", "BenchShape", "budget_row_name", "build_checkpoint_workload",
+    "build_models", "build_preset_workload", "clip_text_tower_flops", "clock_of", "CudaPeak", "default_methods",
+    "DEFAULT_METHODS", "DEFAULT_QUESTION", "FAMILIES", "family_of_model_type", "figures", "fit_image",
+    "generate_flops", "image_feature_inputs", "image_tokens_kept", "kv_cache_bytes", "LLAVA", "LLAVA_NEXT",
+    "lm_prefill_flops", "machine_info", "measure_attention_acquisition", "measure_generate", "memory_meter", "Method",
+    "PeakRSS", "PRESETS", "projector_flops", "RANDOM_WEIGHTS_NOTICE", "register", "render_batch_plot",
+    "render_markdown", "render_plot", "run", "run_benchmark", "SAMPLE_IMAGE", "shape_flops", "shape_prefill_flops",
+    "vision_tower_flops", "weights_bytes", "Workload", "write_outputs",
 ]

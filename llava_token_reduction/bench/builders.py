@@ -41,9 +41,11 @@ def _needs_text_tower(methods) -> bool:
     return any(m.reduction is not None and m.reduction.needs_clip_text_tower for m in methods)
 
 
-def _text_tower_method():
-    """The registered method whose model carries CLIP's text tower (the preset base of every row)."""
-    return next(method for method in registry.METHODS.values() if method.needs_clip_text_tower)
+def _text_tower_method(family):
+    """The registered method of `family` whose model carries CLIP's text tower (the preset base of every row);
+    None when the family has none."""
+    return next((method for method in registry.METHODS.values()
+                 if method.needs_clip_text_tower and method.name in family.method_classes), None)
 
 
 def _keep_fp32_modules(model) -> None:
@@ -57,15 +59,15 @@ def _keep_fp32_modules(model) -> None:
                 continue
 
 
-def _preset_processor(shape: BenchShape, tokenizer):
-    """The stock processor of the shape's family, offline: `LlavaProcessor` (one crop per image) or
-    `LlavaNextProcessor` (anyres, llava-hf's pinpoints at the shape's crop size)."""
+def _preset_processor(shape: BenchShape, family, tokenizer):
+    """The stock processor of the shape's family, offline: `LlavaProcessor` (one crop per image) or, for an anyres
+    family, `LlavaNextProcessor` (llava-hf's pinpoints at the shape's crop size)."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     from ..tiny import LLAVA_CHAT_TEMPLATE
     from ..tiny_next import build_next_processor
 
-    if shape.family == "llava_next":
+    if family.anyres:
         return build_next_processor(shape)
     return LlavaProcessor(
         image_processor=CLIPImageProcessorPil(
@@ -89,7 +91,7 @@ def build_preset_workload(shape: BenchShape, image, question: str, methods=None,
     family = FAMILIES[shape.family]
     methods = default_methods(family) if methods is None else methods
     image = fit_image(image, shape)
-    processor = _preset_processor(shape, build_llm_tokenizer())
+    processor = _preset_processor(shape, family, build_llm_tokenizer())
     tokenizer = processor.tokenizer
     clip_tokenizer = build_clip_tokenizer()
     if len(tokenizer) > shape.lm_vocab or len(clip_tokenizer) > shape.clip_text_vocab:
@@ -99,16 +101,18 @@ def build_preset_workload(shape: BenchShape, image, question: str, methods=None,
         tokenizer.eos_token_id,
         clip_ids=(clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id, clip_tokenizer.pad_token_id),
     )
+    if family.anyres:
+        common["image_grid_pinpoints"] = grid_pinpoints(shape)
     torch.manual_seed(seed)
-    if shape.family == "llava_next":
-        # Stock LLaVA-NeXT is the base (no LLaVA-NeXT method carries CLIP's text tower).
-        base_class = family.stock_class
-        config = family.stock_config_class(**common, image_grid_pinpoints=grid_pinpoints(shape))
+    # The base carries CLIP's text tower when a method of the family needs it, so that every row runs on its
+    # weights; else it is the family's stock model.
+    text_tower = _text_tower_method(family)
+    if text_tower is not None:
+        base_class = family.generation_class(text_tower)
+        config = base_class.config_class(**common, clip_text_config=clip_text, projection_dim=shape.projection_dim)
     else:
-        # One base with CLIP's text tower too, so that every row can run on its weights.
-        base_method = _text_tower_method()
-        base_class = base_method.generation_class
-        config = base_method.config_class(**common, clip_text_config=clip_text, projection_dim=shape.projection_dim)
+        base_class = family.stock_class
+        config = base_class.config_class(**common)
     # Built on the device in the dtype: a 7B-width preset is never materialised in fp32 on the host first.
     with torch.device(device):
         base = base_class._from_config(config, dtype=getattr(torch, dtype), attn_implementation=attn_implementation)

@@ -23,12 +23,14 @@ class BenchFamily:
     name: str
     label: str
     stock_model_type: str
-    stock_config_class_name: str  # "module:name", as in the registry
     stock_class_name: str
     # registry method name -> (generation class reference, model_type of its config)
     method_classes: dict = field(default_factory=dict)
     # registry method name -> the rows bench times by default (None: the registry's `bench_variants`)
     bench_variants: dict = field(default_factory=dict)
+    # Images are cut into crops on a grid (anyres): configs carry `image_grid_pinpoints`, the processor is
+    # `LlavaNextProcessor`, `image_sizes` travels with the pixels.
+    anyres: bool = False
     # Crops per image on the family's reference picture (1 for LLaVA-1.5; a 2x2 grid for LLaVA-NeXT: 5), so that
     # a row named by its tokens per image ("visionzip-160") says what the language model sees on that picture.
     reference_crops: int = 1
@@ -36,10 +38,6 @@ class BenchFamily:
     @property
     def stock_class(self):
         return _resolve(self.stock_class_name)
-
-    @property
-    def stock_config_class(self):
-        return _resolve(self.stock_config_class_name)
 
     def generation_class(self, method):
         """The class of `method` (a registry entry) in this family; `ValueError` naming those it has otherwise."""
@@ -60,10 +58,15 @@ class BenchFamily:
         return method.bench_variants if given is None else given
 
 
+def budget_row_name(method_name: str, tokens_per_crop: int, crops: int = 1) -> str:
+    """A fixed-budget row's name: the method and its tokens per image on a `crops`-crop picture ("visionzip-160")."""
+    return f"{method_name}-{crops * tokens_per_crop}"
+
+
 def _per_crop_variants(budgets, crops: int) -> tuple[BenchVariant, ...]:
     """VisionZip rows of per-crop `(dominant, contextual)` budgets, named by the tokens of a `crops`-crop image."""
     return tuple(
-        BenchVariant(f"visionzip-{crops * (dominant + contextual)}",
+        BenchVariant(budget_row_name("visionzip", dominant + contextual, crops),
                      (("dominant_tokens", dominant), ("contextual_tokens", contextual)))
         for dominant, contextual in budgets
     )
@@ -73,7 +76,6 @@ LLAVA = BenchFamily(
     name="llava",
     label="LLaVA-1.5",
     stock_model_type="llava",
-    stock_config_class_name="transformers:LlavaConfig",
     stock_class_name="transformers:LlavaForConditionalGeneration",
     method_classes={method.name: (method.generation_class_name, method.model_type)
                     for method in registry.METHODS.values()},
@@ -83,11 +85,11 @@ LLAVA_NEXT = BenchFamily(
     name="llava_next",
     label="LLaVA-NeXT",
     stock_model_type="llava_next",
-    stock_config_class_name="transformers:LlavaNextConfig",
     stock_class_name="transformers:LlavaNextForConditionalGeneration",
     method_classes={"visionzip": ("LlavaNextVisionZipForConditionalGeneration", "llava_next_visionzip")},
     # The published LLaVA-NeXT budgets, per crop: 108+20 / 54+10 / 27+5 = 640 / 320 / 160 on a 2x2-grid image.
     bench_variants={"visionzip": _per_crop_variants(((108, 20), (54, 10), (27, 5)), crops=5)},
+    anyres=True,
     reference_crops=5,
 )
 
@@ -112,4 +114,4 @@ def method_of(model):
     return family_of_model_type(model.config.model_type)[1]
 
 
-__all__ = ["BenchFamily", "FAMILIES", "LLAVA", "LLAVA_NEXT", "family_of_model_type", "method_of"]
+__all__ = ["BenchFamily", "budget_row_name", "FAMILIES", "LLAVA", "LLAVA_NEXT", "family_of_model_type", "method_of"]

@@ -94,7 +94,7 @@ def render_markdown(report: dict) -> str:
     kinds = [method for method in registry.METHODS.values() if any(row.get("kind") == method.name for row in rows)]
     steps = "; ".join(f"{method.label}: {method.reduction_steps}" for method in kinds or registry.METHODS.values())
     layout = (" and the released layout of each image's crops; stock LLaVA-NeXT's is its unpadding and newline "
-              "tokens" if family.name == "llava_next" else "")
+              "tokens" if family.anyres else "")
     lines += [
         "",
         "Vision crops × layers = crops through the tower per image × encoder layers that ran (counted by hooks: a "
