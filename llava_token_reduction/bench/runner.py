@@ -122,8 +122,9 @@ def _attention_acquisition(model, inputs: dict, warmup: int, repeats: int, log) 
 
 
 def figures(rows: list[dict], workload: Workload) -> list[dict]:
-    """The derived figures, per reduced row: what the reduction costs next to the vision tower, and the measured
-    LM prefill speed-up as a fraction of the one the FLOPs predict (the FLOP bound)."""
+    """The derived figures, per reduced row: what the reduction costs next to the vision tower, the measured
+    LM prefill speed-up as a fraction of the one the FLOPs predict (the FLOP bound), and the vision tower's time
+    over stock's next to the FLOP ratio of the crops and layers that ran (the dead-layer cut)."""
     out = []
     for row in rows:
         method = method_of(workload.models[row["method"]])
@@ -155,8 +156,7 @@ def run_benchmark(workload: Workload, repeats: int = 3, warmup: int = 1, new_tok
     """Run every method `warmup + repeats` times at every batch size (interleaved: round by round, in each round
     every batch size, in each every row) and summarise. Batch 1 runs on the workload's inputs; a batch of `B`
     on `B` pictures made from `image` (default: the workload's picture; `batch_images`; batch 1 is always run:
-    it is the released way). The
-    first round measures peak memory too. Returns the JSON-able report."""
+    it is the released way). The first round measures peak memory too. Returns the JSON-able report."""
     from tqdm.auto import tqdm
 
     shape = workload.shape
