@@ -54,7 +54,9 @@ LLAVA15_BENCHMARKS = (
     Benchmark("SEED", "seedbench", ("seed_image",)),
     Benchmark("MMVet", "mmvet", ("gpt_eval_score",)),
 )
-NEXT_BENCHMARKS = tuple(b for b in LLAVA15_BENCHMARKS if b.name in ("GQA", "MMB", "MME", "SQA", "VQAv2", "TextVQA", "POPE", "MMMU"))
+NEXT_BENCHMARKS = tuple(
+    b for b in LLAVA15_BENCHMARKS if b.name in ("GQA", "MMB", "MME", "SQA", "VQAv2", "TextVQA", "POPE", "MMMU")
+)
 
 _V15 = "pretrained=llava-hf/llava-1.5-7b-hf,dtype=float16"
 _NEXT = "pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,dtype=float16"
@@ -90,10 +92,12 @@ NEXT_SETTINGS = (
             {"GQA": 61.3, "MMB": 66.3, "MME": 1787, "SQA": 68.1, "VQAv2": 79.1, "TextVQA": 60.2}),
     Setting("next-visionzip-320", "NeXT VisionZip 320 (54+10 per crop)", "llava_token_reduction",
             _NEXT + ",method=visionzip,dominant_tokens=54,contextual_tokens=10",
-            {"GQA": 59.3, "MMB": 63.1, "MME": 1702, "SQA": 67.3, "VQAv2": 76.2, "TextVQA": 58.9, "POPE": 82.1, "MMMU": 35.3}),
+            {"GQA": 59.3, "MMB": 63.1, "MME": 1702, "SQA": 67.3, "VQAv2": 76.2, "TextVQA": 58.9, "POPE": 82.1,
+             "MMMU": 35.3}),
     Setting("next-visionzip-160", "NeXT VisionZip 160 (27+5 per crop)", "llava_token_reduction",
             _NEXT + ",method=visionzip,dominant_tokens=27,contextual_tokens=5",
-            {"GQA": 55.5, "MMB": 60.1, "MME": 1630, "SQA": 68.3, "VQAv2": 71.4, "TextVQA": 56.2, "POPE": 74.8, "MMMU": 36.1}),
+            {"GQA": 55.5, "MMB": 60.1, "MME": 1630, "SQA": 68.3, "VQAv2": 71.4, "TextVQA": 56.2, "POPE": 74.8,
+             "MMMU": 36.1}),
 )
 
 FAMILIES = {"llava-1.5": (LLAVA15_SETTINGS, LLAVA15_BENCHMARKS), "llava-next": (NEXT_SETTINGS, NEXT_BENCHMARKS)}
@@ -209,7 +213,9 @@ def main(argv=None) -> int:
     if args.benchmarks:
         benchmarks = [b for b in benchmarks if b.name in args.benchmarks.split(",")]
     if any(s.key == "trim" for s in settings) and not args.trim_checkpoint and not (args.dry_run or args.table_only):
-        parser.error("the trim setting needs --trim-checkpoint (a checkpoint written by `llava-token-reduction convert trim`)")
+        parser.error(
+            "the trim setting needs --trim-checkpoint (a checkpoint written by `llava-token-reduction convert trim`)"
+        )
     if not args.table_only:
         for setting in settings:
             command = lmms_eval_command(setting, benchmarks, args.output, args.python, args.num_processes,

@@ -81,7 +81,8 @@ def measure(preset: str = "llava-1.5-7b", repeats: int = 7, warmup: int = 1, thr
                         "full_depth_vs_stock": summary[f"{name} full depth"]["median"] / summary["stock"]["median"]}
     tower = workload.models["stock"].model.vision_tower
     return {
-        "preset": preset, "vision_layers": len(tower.encoder.layers), "layers_run_when_cut": len(tower.encoder.layers) - 1,
+        "preset": preset, "vision_layers": len(tower.encoder.layers),
+        "layers_run_when_cut": len(tower.encoder.layers) - 1,
         "repeats": repeats, "warmup": warmup, "machine": machine_info(), "load_average_1min": loads,
         "times_ms": summary, "ratios": ratios, "random_weights": True,
     }
@@ -100,7 +101,8 @@ def render(report: dict) -> str:
     ]
     for name, summary in report["times_ms"].items():
         lines.append(f"| {name} | {summary['median']:.0f} | {summary['min']:.0f} | {summary['max']:.0f} |")
-    lines += ["", "| method | ours / stock | ours / ours at full depth | ours at full depth / stock |", "|---|---|---|---|"]
+    lines += ["", "| method | ours / stock | ours / ours at full depth | ours at full depth / stock |",
+              "|---|---|---|---|"]
     for name, ratio in report["ratios"].items():
         lines.append(f"| {name} | {ratio['vs_stock']:.3f} | {ratio['vs_full_depth']:.3f} | "
                      f"{ratio['full_depth_vs_stock']:.3f} |")

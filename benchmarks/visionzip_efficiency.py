@@ -11,8 +11,8 @@ projector and that prefill), and the total time over all samples, with the speed
 reading waits for the queued kernels (`torch.cuda.synchronize`). The published table (LLaVA-NeXT-7B, POPE, one
 A800; ALGORITHMS.md §4.3) is printed next to it: compare speed-ups, not milliseconds, across machines.
 
-The published rows are LLaVA-NeXT-7B (2880 -> 160 tokens, 27+5 per crop). Benchmarking LLaVA-NeXT needs the
-LLaVA-NeXT classes, which are not in this version yet; once they are, the same command runs it:
+The published rows are LLaVA-NeXT-7B (2880 -> 160 tokens, 27+5 per crop: a budget is per 336-px crop there,
+and a row is named by its tokens on a 2x2-grid picture, 5 crops):
 
     python benchmarks/visionzip_efficiency.py --model llava-hf/llava-v1.6-vicuna-7b-hf --device cuda \
         --dtype float16 --budgets 27+5
@@ -59,9 +59,10 @@ def positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a stock LLaVA checkpoint: hub id or directory")
+    parser.add_argument("--model", required=True, help="a stock LLaVA or LLaVA-NeXT checkpoint: hub id or directory")
     parser.add_argument("--budgets", type=parse_budgets, default=parse_budgets("54+10,108+20,162+30"),
-                        help="VisionZip budgets DOMINANT+CONTEXTUAL, comma-separated (default: 54+10,108+20,162+30)")
+                        help="VisionZip budgets DOMINANT+CONTEXTUAL, comma-separated, per crop on LLaVA-NeXT "
+                             "(default: 54+10,108+20,162+30)")
     parser.add_argument("--images", help="a directory of pictures (.jpg, .jpeg, .png); default: the bundled sample")
     parser.add_argument("--samples", type=positive, default=20, help="timed samples per row (default: 20)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed samples per row first (default: 2)")
@@ -91,15 +92,27 @@ def run(args) -> dict:
     import statistics
 
     from tqdm.auto import tqdm
+    from transformers import AutoConfig
 
-    from llava_token_reduction.bench import Method, build_checkpoint_workload, measure_generate
+    from llava_token_reduction.bench import (
+        Method,
+        budget_row_name,
+        build_checkpoint_workload,
+        family_of_model_type,
+        image_tokens_kept,
+        measure_generate,
+    )
     from llava_token_reduction.bench.command import check_device
 
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     check_device(args.device, args.dtype, args.attn_implementation)
     pictures = load_pictures(args.images)
-    rows = [Method("stock", "stock")] + [Method(f"visionzip-{d + c}", "visionzip", d, c) for d, c in args.budgets]
+    family, _ = family_of_model_type(AutoConfig.from_pretrained(args.model).model_type)
+    # Named by the tokens per image on the family's reference picture (LLaVA-NeXT: a 2x2 grid, 5 crops).
+    rows = [Method("stock", "stock")] + [
+        Method(budget_row_name("visionzip", d + c, family.reference_crops), "visionzip", d, c) for d, c in args.budgets
+    ]
     workload = build_checkpoint_workload(args.model, pictures[0], args.question, rows, dtype=args.dtype,
                                          device=args.device, attn_implementation=args.attn_implementation)
     if not set(workload.models) >= {row.name for row in rows}:
@@ -114,7 +127,6 @@ def run(args) -> dict:
                 if index >= args.warmup:
                     runs[row.name].append(result)
                 progress.update()
-    stock_runs = runs["stock"]
     table = []
     for row in rows:
         results = runs[row.name]
@@ -122,8 +134,8 @@ def run(args) -> dict:
         ttft = statistics.median(r["ttft_ms"] for r in results)
         total_s = sum(r["total_ms"] for r in results) / 1000
         table.append({
-            "method": row.name, "image_tokens": results[0]["prefill_tokens"] - stock_runs[0]["prefill_tokens"]
-            + workload.models["stock"].config.image_seq_length,
+            # On the first picture (LLaVA-NeXT's count depends on each picture's grid).
+            "method": row.name, "image_tokens": image_tokens_kept(workload.models[row.name], workload.inputs[row.name]),
             "prefill_ms": prefill, "prefill_ms_range": [min(r["prefill_ms"] for r in results),
                                                         max(r["prefill_ms"] for r in results)],
             "ttft_ms": ttft, "total_s": total_s,

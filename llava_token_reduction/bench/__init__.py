@@ -1,5 +1,5 @@
-"""The `bench` command: stock LLaVA and every registered reduction method (VisionZip 192/128/64 and TRIM
-today, `llava_token_reduction.methods`) side by side, in one process.
+"""The `bench` command: stock LLaVA and every registered reduction method (VisionZip 192/128/64, TRIM and
+PruMerge today, `llava_token_reduction.methods`) side by side, in one process.
 
 All rows share one set of weights (the modules are the same objects) and see the same image and prompt.
 Each timed run is one `generate` call with a few new tokens; forward hooks on the model's own modules
@@ -36,14 +36,20 @@ and the FLOP-predicted ratios next to the measured ones, over the same row at ba
 over stock at the same batch size (`batching`). With `--device cuda` every clock reading waits for the GPU
 (`torch.cuda.synchronize`) and the memory is the allocator's peak; nothing of CUDA runs otherwise.
 
-The modules follow the seams: `shapes` (model widths, presets), `flops` (analytic FLOPs), `workloads` (rows,
-models on shared weights, inputs, batches), `measure` (hooks, clocks, memory), `batching` (the batch table's
-figures), `runner` (the interleaved runs and the derived figures), `report` (markdown, plot, JSON) and
-`command` (the command line).
+Two model families: LLaVA-1.5 (one crop per image) and LLaVA-NeXT (`--preset llava-next-7b`: a 672x672 picture,
+a 2x2 grid, 5 crops, 2928 stock placeholders; VisionZip at its per-crop budgets, 640/320/160 tokens).
+
+The modules follow the seams: `shapes` (model widths, presets), `families` (stock and method classes per family,
+default rows), `flops` (analytic FLOPs), `workloads` (rows, models on shared weights, inputs, batches),
+`builders` (preset and checkpoint models), `measure` (hooks, clocks, memory, vision crops and layers run),
+`batching` (the batch table's figures), `runner` (the interleaved runs and the derived figures), `report`
+(markdown, plot, JSON) and `command` (the command line).
 """
 
 from .batching import batch_rows, generate_flops, weights_bytes
+from .builders import build_checkpoint_workload, build_preset_workload
 from .command import register, run
+from .families import FAMILIES, LLAVA, LLAVA_NEXT, BenchFamily, budget_row_name, family_of_model_type
 from .flops import (
     clip_text_tower_flops,
     lm_prefill_flops,
@@ -56,6 +62,7 @@ from .measure import (
     CudaPeak,
     PeakRSS,
     clock_of,
+    image_feature_inputs,
     image_tokens_kept,
     kv_cache_bytes,
     measure_attention_acquisition,
@@ -72,18 +79,19 @@ from .workloads import (
     Method,
     Workload,
     batch_images,
-    build_checkpoint_workload,
     build_models,
-    build_preset_workload,
+    default_methods,
+    fit_image,
 )
 
 
 __all__ = [
-    "batch_images", "batch_rows", "BenchShape", "build_checkpoint_workload", "build_models", "build_preset_workload",
-    "clip_text_tower_flops", "clock_of", "CudaPeak", "DEFAULT_METHODS", "DEFAULT_QUESTION", "figures",
-    "generate_flops", "image_tokens_kept", "kv_cache_bytes", "lm_prefill_flops", "machine_info",
-    "measure_attention_acquisition", "measure_generate", "memory_meter", "Method", "PeakRSS", "PRESETS",
-    "projector_flops", "RANDOM_WEIGHTS_NOTICE", "register", "render_batch_plot", "render_markdown", "render_plot",
-    "run", "run_benchmark", "SAMPLE_IMAGE", "shape_flops", "shape_prefill_flops", "vision_tower_flops",
-    "weights_bytes", "Workload", "write_outputs",
+    "batch_images", "batch_rows", "BenchFamily", "BenchShape", "budget_row_name", "build_checkpoint_workload",
+    "build_models", "build_preset_workload", "clip_text_tower_flops", "clock_of", "CudaPeak", "default_methods",
+    "DEFAULT_METHODS", "DEFAULT_QUESTION", "FAMILIES", "family_of_model_type", "figures", "fit_image",
+    "generate_flops", "image_feature_inputs", "image_tokens_kept", "kv_cache_bytes", "LLAVA", "LLAVA_NEXT",
+    "lm_prefill_flops", "machine_info", "measure_attention_acquisition", "measure_generate", "memory_meter", "Method",
+    "PeakRSS", "PRESETS", "projector_flops", "RANDOM_WEIGHTS_NOTICE", "register", "render_batch_plot",
+    "render_markdown", "render_plot", "run", "run_benchmark", "SAMPLE_IMAGE", "shape_flops", "shape_prefill_flops",
+    "vision_tower_flops", "weights_bytes", "Workload", "write_outputs",
 ]

@@ -9,9 +9,11 @@ each. Its figures:
 - padding = the share of the language model's prefill positions that are left padding (`1 - Σ n_r / (B·L)`,
   from the attention mask the language model got). Fixed budgets (stock, VisionZip) give equal rows; an adaptive
   count (TRIM) gives rows of different lengths, padded to the longest, and the padding is computed like the rest.
-- FLOPs of the call (analytic, `flops`): vision tower, CLIP text tower over the columns some row attends, the
-  projector on the kept tokens, the LM prefill over all `B·L` positions (padding included: sdpa computes it) and
-  every decode step over the padded context. `useful` leaves the padding out.
+- FLOPs of the call (analytic, `flops`): the vision tower over the crops and layers that ran (counted by hooks:
+  LLaVA-NeXT runs several crops per image, a method reading layer -2 one layer fewer than stock), CLIP text
+  tower over the columns some row attends, the projector on the tokens it mapped, the LM prefill over all `B·L`
+  positions (padding included: sdpa computes it) and every decode step over the padded context. `useful` leaves
+  the padding out.
 - Predicted ratios: over the released way, FLOPs per image at batch 1 / at batch `B` (batching saves no FLOPs:
   1.00×, less with padding; a measured gain above it is hardware efficiency); over stock at the same `B`, stock
   FLOPs / the row's FLOPs.
@@ -51,16 +53,23 @@ def clip_columns(inputs: dict) -> int:
 
 
 def generate_flops(shape, row_tokens: list[int], image_tokens: list[int], new_tokens: int, text_columns: int = 0,
-                   padded: bool = True) -> int:
+                   padded: bool = True, vision_layers: int | None = None, vision_crops: int | None = None,
+                   projected_tokens: int | None = None) -> int:
     """Analytic FLOPs of one batched `generate` call: `row_tokens[r]` prefill positions of row `r`, of which
     `image_tokens[r]` are image tokens, `new_tokens` generated (the prefill gives the first, each later one is a
     decode step). With `padded`, every row is computed at the longest row's length, as it runs; without, each
-    row at its own (the useful work)."""
+    row at its own (the useful work).
+
+    The vision side as it ran: `vision_crops` crops through the tower (default one per row; LLaVA-NeXT has
+    several per image), each through `vision_layers` encoder layers (default all of them; a method reading
+    layer -2 runs one fewer), and the projector on `projected_tokens` tokens (default the image tokens; stock
+    LLaVA-NeXT projects every crop's patches and adds its newline tokens after the projector)."""
     longest = max(row_tokens)
-    total = 0
-    for tokens, kept in zip(row_tokens, image_tokens):
+    crops = len(row_tokens) if vision_crops is None else vision_crops
+    projected = sum(image_tokens) if projected_tokens is None else projected_tokens
+    total = crops * vision_tower_flops(shape, vision_layers) + projector_flops(shape, projected)
+    for tokens in row_tokens:
         length = longest if padded else tokens
-        total += vision_tower_flops(shape) + projector_flops(shape, kept)
         if text_columns:
             total += clip_text_tower_flops(shape, text_columns)
         total += shape_prefill_flops(shape, length)["total"]
@@ -76,11 +85,15 @@ def cell_figures(workload, name: str, batch_inputs: dict, result: dict) -> dict:
     text = text_tokens_per_row(model, batch_inputs)
     kept = [tokens - words for tokens, words in zip(rows, text)]
     columns = clip_columns(batch_inputs)
-    flops = generate_flops(workload.shape, rows, kept, result["new_tokens"], columns)
-    useful = generate_flops(workload.shape, rows, kept, result["new_tokens"], columns, padded=False)
+    vision = {"vision_layers": result["vision_layers_run"], "vision_crops": result["vision_crops"],
+              "projected_tokens": result["projected_tokens"]}
+    flops = generate_flops(workload.shape, rows, kept, result["new_tokens"], columns, **vision)
+    useful = generate_flops(workload.shape, rows, kept, result["new_tokens"], columns, padded=False, **vision)
     return {
         "batch": batch,
         "image_tokens_per_image": kept,
+        "vision_crops_per_image": result["vision_crops"] / batch,
+        "vision_layers_run": result["vision_layers_run"],
         "prefill_positions": result["prefill_tokens"] * batch,
         "padding_fraction": 1 - sum(rows) / (result["prefill_tokens"] * batch),
         "generate_flops": flops,

@@ -5,35 +5,39 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import methods as registry
+from .builders import build_checkpoint_workload, build_preset_workload
+from .families import FAMILIES, family_of_model_type
 from .report import render_markdown, write_outputs
 from .runner import RANDOM_WEIGHTS_NOTICE, run_benchmark
 from .shapes import PRESETS
-from .workloads import DEFAULT_METHODS, DEFAULT_QUESTION, SAMPLE_IMAGE, build_checkpoint_workload, build_preset_workload
+from .workloads import DEFAULT_QUESTION, SAMPLE_IMAGE, default_methods
 
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 def register(subparsers) -> None:
-    rows = [method.name for method in DEFAULT_METHODS]
+    rows = {family.label: [method.name for method in default_methods(family)] for family in FAMILIES.values()}
+    rows_in_words = "; ".join(f"{label}: {', '.join(names)}" for label, names in rows.items())
     labels = ", ".join(method.label for method in registry.METHODS.values())
     parser = subparsers.add_parser(
         "bench",
         help=f"benchmark stock LLaVA and the token reductions ({labels}) on the same weights",
         description=(
-            f"Time stock LLaVA and the token reductions (rows: {', '.join(rows)}) on the same weights, image and "
+            f"Time stock LLaVA and the token reductions (rows of {rows_in_words}) on the same weights, image and "
             "prompt: vision tower, reduction, LM prefill, time to first token, decode, KV cache, peak memory, analytic "
             "prefill FLOPs; then images/s, time to first token, padding and memory apart from the weights at every "
-            "--batch-sizes, next to the FLOP-predicted ratios. Presets use the real LLaVA-1.5 widths with RANDOM "
-            "weights (cut the depth with --lm-layers / --vision-layers to fit a CPU); --model benchmarks a "
-            "checkpoint (directory or hub id); --device cuda runs on a GPU. Writes JSON, markdown and PNG plots."
+            "--batch-sizes, next to the FLOP-predicted ratios. Presets use the real LLaVA-1.5 / LLaVA-NeXT widths with "
+            "RANDOM weights (cut the depth with --lm-layers / --vision-layers to fit a CPU; llava-next-7b resizes "
+            "the picture to 672x672: a 2x2 grid, 5 crops); --model benchmarks a checkpoint (directory or hub id); "
+            "--device cuda runs on a GPU. Writes JSON, markdown and PNG plots."
         ),
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5-7b",
                         help="model shape (default: llava-1.5-7b)")
     parser.add_argument("--model", metavar="PATH_OR_ID",
-                        help=f"a stock LLaVA checkpoint or one of {labels} (a directory or a hub id such as "
-                             "llava-hf/llava-1.5-7b-hf) instead of a preset")
+                        help=f"a stock LLaVA or LLaVA-NeXT checkpoint or one of {labels} (a directory or a hub id "
+                             "such as llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf) instead of a preset")
     parser.add_argument("--lm-layers", type=int, metavar="N",
                         help="language-model layers (preset default: the real depth)")
     parser.add_argument("--vision-layers", type=int, metavar="N", help="vision-tower layers (preset default: 24)")
@@ -43,7 +47,8 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads (default: the number of CPUs)")
     parser.add_argument("--image", metavar="FILE", help="image (default: the bundled sample picture)")
     parser.add_argument("--question", default=DEFAULT_QUESTION, help="question asked about the image")
-    parser.add_argument("--methods", default=",".join(rows), help=f"comma-separated subset of {', '.join(rows)}")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated subset of the family's rows ({rows_in_words}; default: all of them)")
     parser.add_argument("--no-attention-comparison", action="store_true",
                         help="skip timing a vision layer's attention the released way (eager, all maps)")
     parser.add_argument("--batch-sizes", default="1,4,8", metavar="B,B,...",
@@ -82,13 +87,16 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     device = check_device(args.device, args.dtype, args.attn_implementation)
-    known = {m.name: m for m in DEFAULT_METHODS}
-    wanted = [name.strip() for name in args.methods.split(",") if name.strip()]
-    unknown = [name for name in wanted if name not in known]
-    if unknown or not wanted:
-        what = f"unknown method(s) {', '.join(unknown)}" if unknown else "--methods names no method"
-        raise CommandError(f"{what}; choose from {', '.join(known)}")
-    methods = [known[name] for name in wanted]
+    if args.model:
+        from transformers import AutoConfig
+
+        try:
+            family = family_of_model_type(AutoConfig.from_pretrained(args.model).model_type)[0]
+        except ValueError as error:
+            raise CommandError(f"{args.model} is {error}") from None
+    else:
+        family = FAMILIES[PRESETS[args.preset].family]
+    methods = parse_methods(args.methods, family)
     image_path = Path(args.image) if args.image else SAMPLE_IMAGE
     if not image_path.is_file():
         raise CommandError(f"image not found: {image_path}")
@@ -111,13 +119,29 @@ def run(args: argparse.Namespace) -> int:
         print(RANDOM_WEIGHTS_NOTICE, flush=True)
     report = run_benchmark(
         workload, repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
-        attention_comparison=not args.no_attention_comparison, batch_sizes=batch_sizes, image=image,
+        attention_comparison=not args.no_attention_comparison, batch_sizes=batch_sizes, image=workload.image,
     )
     paths = write_outputs(report, args.out, args.stem)
     print()
     print(render_markdown(report))
     print("Wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def parse_methods(text: str | None, family) -> list:
+    """The rows named in `text` (comma-separated) among `family`'s rows, all of them for None; a `CommandError`
+    naming the unknown ones and the choices otherwise."""
+    from ..cli import CommandError
+
+    known = {m.name: m for m in default_methods(family)}
+    if text is None:
+        return list(known.values())
+    wanted = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in known]
+    if unknown or not wanted:
+        what = f"unknown method(s) {', '.join(unknown)}" if unknown else "--methods names no method"
+        raise CommandError(f"{what}; choose from {', '.join(known)} ({family.label} rows)")
+    return [known[name] for name in wanted]
 
 
 def parse_batch_sizes(text: str) -> list[int]:

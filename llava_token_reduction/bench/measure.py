@@ -135,6 +135,48 @@ class _Stopwatch:
         return False
 
 
+class _VisionWork:
+    """Forward pre-hooks that count what the vision tower and the projector did in one call: the crops through
+    the tower (rows of the pixel batch its embeddings got), the encoder layers that ran (a tower cut short of
+    its last layer runs fewer: `modeling/vision_inputs.py`) and the tokens the projector mapped. Towers other
+    than CLIP (one piece, `vision_tower_pieces`) are counted at their configured depth. Removed on exit."""
+
+    def __init__(self, tower, projector):
+        from ..modeling.vision_inputs import vision_tower_pieces
+
+        pieces = vision_tower_pieces(tower)
+        self.entry = pieces[0]
+        self.layers = pieces[2:] if len(pieces) > 2 else ()
+        self.projector = projector
+        self.crops = 0
+        self.layers_called = set()
+        self.projected_tokens = 0
+        self.configured_layers = tower.config.num_hidden_layers
+        self._handles = []
+
+    def __enter__(self):
+        def entry(module, args):
+            self.crops += int(args[0].shape[0])
+
+        def projector(module, args):
+            self.projected_tokens += int(args[0].numel() // args[0].shape[-1])
+
+        self._handles.append(self.entry.register_forward_pre_hook(entry))
+        self._handles.append(self.projector.register_forward_pre_hook(projector))
+        for index, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(lambda m, a, i=index: self.layers_called.add(i)))
+        return self
+
+    @property
+    def layers_run(self) -> int:
+        return len(self.layers_called) if self.layers else self.configured_layers
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        return False
+
+
 def kv_cache_bytes(cache) -> int:
     """Bytes held by the keys and values of a transformers cache (any layer layout)."""
     total = 0
@@ -165,8 +207,9 @@ def measure_generate(model, inputs: dict, new_tokens: int, with_memory: bool = F
     reading waits for the queued kernels first (`clock_of`) and the memory is the allocator's peak (`CudaPeak`).
 
     Also returned: the language model's prefill input as it ran (`prefill_tokens` positions per row,
-    `prefill_row_tokens` of them attended in each row, the rest left padding), and the KV-cache bytes
-    after the prefill, from the cache's tensors."""
+    `prefill_row_tokens` of them attended in each row, the rest left padding), the KV-cache bytes
+    after the prefill, from the cache's tensors, and what the vision side did (`_VisionWork`): `vision_crops`
+    through the tower, `vision_layers_run`, `projected_tokens`, for the FLOP count of the call."""
     import torch
 
     from ..modeling.vision_inputs import vision_tower_pieces
@@ -197,7 +240,8 @@ def measure_generate(model, inputs: dict, new_tokens: int, with_memory: bool = F
     cache_hook = inner.language_model.register_forward_hook(remember_cache, with_kwargs=True)
     memory = memory_meter(device) if with_memory else contextlib.nullcontext()
     try:
-        with _Stopwatch(watched, clock) as watch, memory, torch.inference_mode():
+        with (_Stopwatch(watched, clock) as watch, _VisionWork(inner.vision_tower, inner.multi_modal_projector) as work,
+              memory, torch.inference_mode()):
             start = clock()
             output = model.generate(
                 **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -227,31 +271,45 @@ def measure_generate(model, inputs: dict, new_tokens: int, with_memory: bool = F
         "batch": int(inputs["input_ids"].shape[0]),
         "kv_cache_bytes": kv_bytes.get("bytes"),
         "new_tokens": int(output.shape[1] - inputs["input_ids"].shape[1]),
+        "vision_crops": work.crops,
+        "vision_layers_run": work.layers_run,
+        "projected_tokens": work.projected_tokens,
     }
     if with_memory:
         result["peak_memory_bytes"] = memory.peak_bytes
     return result
 
 
+def image_feature_inputs(model, inputs: dict) -> dict:
+    """The part of `inputs` that `get_image_features` takes: the pixels, the method's per-image inputs
+    (`image_side_input_names`) and, where its signature has it (stock LLaVA-NeXT), `image_sizes`."""
+    import inspect
+
+    names = ["pixel_values", *getattr(model, "image_side_input_names", ())]
+    if "image_sizes" in inspect.signature(model.model.get_image_features).parameters:
+        names.append("image_sizes")
+    return {name: inputs[name] for name in dict.fromkeys(names) if name in inputs}
+
+
 def image_tokens_kept(model, inputs: dict) -> int:
-    """Image tokens the language model sees (one image)."""
+    """Image tokens the language model sees (the first image)."""
     import torch
 
-    image_inputs = ("pixel_values", *getattr(model, "image_side_input_names", ()))
     with torch.inference_mode():
-        features = model.model.get_image_features(**{k: inputs[k] for k in image_inputs if k in inputs})
+        features = model.model.get_image_features(**image_feature_inputs(model, inputs))
     pooled = features.pooler_output
     return int(pooled[0].shape[0]) if isinstance(pooled, (list, tuple)) else int(pooled.shape[-2])
 
 
-def measure_attention_acquisition(model, pixel_values, with_memory: bool = False) -> dict:
+def measure_attention_acquisition(model, pixel_values, with_memory: bool = False, **image_inputs) -> dict:
     """Time (and optionally peak memory) of getting layer ℓ's CLS attention, head-mean keys and output.
 
-    `ours`: the sdpa tower with hooks on layer ℓ's `q_proj`/`k_proj` and output, then the CLS row only
-    (`LlavaVisionZipModel.get_visionzip_layer_outputs`, the shipped code path). `released`: the tower switched
-    to eager attention with `output_attentions=True` and `output_hidden_states=True` (every layer's `[H, N, N]`
-    map materialised, as the released code runs it), the CLS row summed over heads from the maps and the keys
-    from a hook. Both on the same tower and pixels.
+    `ours`: the sdpa tower, layer ℓ's input and output from transformers' output capture, its keys and CLS query
+    recomputed, then the CLS row only (`get_visionzip_layer_outputs`, the shipped code path). `released`: the
+    tower switched to eager attention with `output_attentions=True` and `output_hidden_states=True` (every
+    layer's `[H, N, N]` map materialised, as the released code runs it), the CLS row summed over heads from the
+    maps and the keys from a hook. Both on the same tower and crops: one image of `pixel_values`, LLaVA-NeXT's
+    `[1, crops, C, H, W]` (with `image_sizes` among `image_inputs`) run as its `crops` crops.
     """
     import torch
 
@@ -264,8 +322,10 @@ def measure_attention_acquisition(model, pixel_values, with_memory: bool = False
     heads = config.vision_config.num_attention_heads
     results = {}
 
+    crops = pixel_values.flatten(0, 1) if pixel_values.dim() == 5 else pixel_values  # one image: every crop real
+
     def ours():
-        model.model.get_visionzip_layer_outputs(pixel_values)
+        model.model.get_visionzip_layer_outputs(pixel_values, **image_inputs)
         return {"attention_map_bytes": 0}
 
     def released():
@@ -273,7 +333,7 @@ def measure_attention_acquisition(model, pixel_values, with_memory: bool = False
         tower.set_attn_implementation("eager")
         try:
             with capture_outputs_of({"k": layer.self_attn.k_proj}) as got:
-                out = tower(pixel_values, output_attentions=True, output_hidden_states=True, return_dict=True)
+                out = tower(crops, output_attentions=True, output_hidden_states=True, return_dict=True)
             attention = out.attentions[layer_index]
             attention[:, :, 0].sum(dim=1)  # the CLS row, summed over heads
             batch, tokens, _ = got["k"].shape

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from .. import methods as registry
+from .families import FAMILIES
 
 
 def _mib(value) -> str:
@@ -21,15 +22,22 @@ def _ms(summary: dict, digits: int = 0) -> str:
 def render_markdown(report: dict) -> str:
     shape = report["shape"]
     machine = report["machine"]
+    rows = report["methods"]
+    family = FAMILIES[report.get("family", "llava")]
+    picture = report.get("input_image_size")
+    crops = rows[0]["vision_crops"] if rows and "vision_crops" in rows[0] else 1
     lines = [
         f"**{report['notice']}**",
         "",
-        f"Model: {report['source']} — vision {shape['vision_layers']}×{shape['vision_hidden']} "
+        f"Model: {report['source']} ({family.label}) — vision {shape['vision_layers']}×{shape['vision_hidden']} "
         f"({shape['image_size']}px/{shape['patch_size']}, {shape['vision_heads']} heads), "
         f"LM {shape['lm_layers']} layers d={shape['lm_hidden']} m={shape['lm_intermediate']} "
-        f"{shape['lm_heads']} heads, vocab {shape['lm_vocab']}; "
-        f"CLIP text {shape['clip_text_layers']}×{shape['clip_text_hidden']}. {report['dtype']}, "
-        f"batch {report['batch']}, {report['new_tokens']} new tokens.",
+        f"{shape['lm_heads']} heads, vocab {shape['lm_vocab']}"
+        + (f"; CLIP text {shape['clip_text_layers']}×{shape['clip_text_hidden']}"
+           if any(row["text_tower_ms"]["median"] for row in rows) else "")
+        + f". {report['dtype']}, batch {report['batch']}, {report['new_tokens']} new tokens"
+        + (f"; picture {picture[0]}x{picture[1]}, {crops} crop{'s' if crops != 1 else ''} per image" if picture else "")
+        + ".",
         f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
         f"torch threads {machine['torch_threads']}, {machine['memory_gib']} GiB; torch {machine['torch']}, "
         f"transformers {machine['transformers']}; load average {machine['load_average_at_start'][0]:.1f} at start, "
@@ -39,14 +47,17 @@ def render_markdown(report: dict) -> str:
         f"Device {report.get('device', 'cpu')}, attention {report.get('attn_implementation', {})}.",
         f"Median (min–max) of {report['repeats']} interleaved runs after {report['warmup']} warm-up; times in ms.",
         "",
-        "| method | image tokens | LM tokens | vision | reduction | (CLIP text tower) | LM prefill | TTFT "
-        "| decode ms/token | KV cache MiB | peak mem MiB | prefill GFLOPs | speed-up predicted | measured | fraction |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | image tokens | LM tokens | vision crops × layers | vision | reduction | (CLIP text tower) "
+        "| LM prefill | TTFT | decode ms/token | KV cache MiB | peak mem MiB | prefill GFLOPs | speed-up predicted "
+        "| measured | fraction |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in report["methods"]:
+    for row in rows:
         text_tower = _ms(row["text_tower_ms"], 1) if row["text_tower_ms"]["median"] else "–"
         lines.append(
-            f"| {row['method']} | {row['image_tokens']} | {row['prefill_tokens']} | {_ms(row['vision_ms'])} "
+            f"| {row['method']} | {row['image_tokens']} | {row['prefill_tokens']} "
+            f"| {row.get('vision_crops', 1)} × {row.get('vision_layers_run', shape['vision_layers'])} "
+            f"| {_ms(row['vision_ms'])} "
             f"| {_ms(row['reduction_ms'], 1)} ({100 * row['reduction_over_vision']:.1f}%) | {text_tower} "
             f"| {_ms(row['prefill_ms'])} | {_ms(row['ttft_ms'])} | {_ms(row['decode_ms_per_token'], 1)} "
             f"| {_mib(row['kv_cache_bytes'])} | {_mib(row['peak_memory_bytes'])} "
@@ -58,26 +69,38 @@ def render_markdown(report: dict) -> str:
         ours, theirs = attention["ours_sdpa_hooks"], attention["released_eager_all_maps"]
         lines += [
             "",
-            "VisionZip's attention from the same vision tower (CLS row, head-mean keys and layer output of layer ℓ):",
+            "VisionZip's attention from the same vision tower (CLS row, head-mean keys and layer output of layer ℓ"
+            + (f", over the image's {crops} crops" if crops > 1 else "") + "):",
             "",
             "| way | ms | attention maps materialised MiB | peak mem MiB |",
             "|---|---|---|---|",
-            f"| ours: sdpa tower + hooks, CLS row only | {_ms(ours['ms'])} | {_mib(ours['attention_map_bytes'])} "
+            f"| ours: sdpa tower, layer ℓ's keys and CLS query recomputed from its input, CLS row only "
+            f"| {_ms(ours['ms'])} | {_mib(ours['attention_map_bytes'])} "
             f"| {_mib(ours['peak_memory_bytes'])} |",
             f"| released: eager tower, output_attentions=True | {_ms(theirs['ms'])} "
             f"| {_mib(theirs['attention_map_bytes'])} | {_mib(theirs['peak_memory_bytes'])} |",
             "",
             f"The released way takes {attention['released_over_ours']:.2f}× our time.",
         ]
-    lines += ["", "Overheads and speed-up vs the FLOP bound:", ""]
+    lines += ["", "Overheads and speed-up vs the FLOP bound, and the vision tower against stock's (ratios within "
+              "this run):", ""]
     for figure in report["figures"]:
-        lines.append(f"- {figure['figure']}: {100 * figure['value']:.1f}% by medians "
-                     f"({100 * figure['value_by_minima']:.1f}% by minima)")
-    steps = "; ".join(f"{method.label}: {method.reduction_steps}" for method in registry.METHODS.values())
+        if figure["kind"] == "vision_vs_stock":  # a ratio of times next to its FLOP ratio
+            lines.append(f"- {figure['figure']}: {figure['value']:.3f} by medians "
+                         f"({figure['value_by_minima']:.3f} by minima)")
+        else:
+            lines.append(f"- {figure['figure']}: {100 * figure['value']:.1f}% by medians "
+                         f"({100 * figure['value_by_minima']:.1f}% by minima)")
+    kinds = [method for method in registry.METHODS.values() if any(row.get("kind") == method.name for row in rows)]
+    steps = "; ".join(f"{method.label}: {method.reduction_steps}" for method in kinds or registry.METHODS.values())
+    layout = (" and the released layout of each image's crops; stock LLaVA-NeXT's is its unpadding and newline "
+              "tokens" if family.anyres else "")
     lines += [
         "",
+        "Vision crops × layers = crops through the tower per image × encoder layers that ran (counted by hooks: a "
+        "method reading layer -2 stops there, stock runs them all). "
         "Reduction = the image features (first tower start to projector end, inside `get_image_features`) minus the "
-        f"vision tower and the projector ({steps}). Prefill = the first language-"
+        f"vision tower and the projector ({steps}{layout}). Prefill = the first language-"
         "model call; TTFT = start of `generate` to the first LM-head output; decode = wall time per later step. "
         "Prefill FLOPs: q/k/v/o projections, three-matrix MLP, causal score/value products, LM head on one position; "
         "fraction = measured speed-up / FLOP-predicted speed-up over stock. Peak memory: RSS above the level before "

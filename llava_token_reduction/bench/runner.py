@@ -6,10 +6,10 @@ import platform
 import statistics
 from dataclasses import asdict
 
-from .. import methods as registry
 from .batching import batch_rows, cell_figures
+from .families import method_of
 from .flops import shape_prefill_flops, vision_tower_flops
-from .measure import image_tokens_kept, measure_attention_acquisition, measure_generate
+from .measure import image_feature_inputs, image_tokens_kept, measure_attention_acquisition, measure_generate
 from .workloads import STOCK, Workload, batch_images
 
 
@@ -58,22 +58,23 @@ def _attention_implementations(model) -> dict:
             "language_model": model.model.language_model.config._attn_implementation}
 
 
-def _method_of(model):
-    """The registry entry of `model`'s method; None for stock LLaVA."""
-    return registry.for_model_type(model.config.model_type)
-
-
 def _rows(workload: Workload, runs: dict, kept: dict, memory: dict) -> list[dict]:
     rows = []
     for name, model_runs in runs.items():
         first = model_runs[0]
+        method = method_of(workload.models[name])
         row = {
             "method": name,
+            "kind": method.name if method is not None else STOCK,
             "image_tokens": kept[name],
             "prefill_tokens": first["prefill_tokens"],
             "kv_cache_bytes": first["kv_cache_bytes"],
             "peak_memory_bytes": memory.get(name),
             "prefill_flops": shape_prefill_flops(workload.shape, first["prefill_tokens"]),
+            # The tower as it ran (hooks): crops of the image, encoder layers (one fewer than stock at layer -2).
+            "vision_crops": first["vision_crops"],
+            "vision_layers_run": first["vision_layers_run"],
+            "vision_flops": first["vision_crops"] * vision_tower_flops(workload.shape, first["vision_layers_run"]),
             **{metric: _summary([r[metric] for r in model_runs]) for metric in METRICS},
         }
         vision = row["vision_ms"]["median"]
@@ -92,14 +93,19 @@ def _rows(workload: Workload, runs: dict, kept: dict, memory: dict) -> list[dict
             by_minima = stock["prefill_ms"]["min"] / row["prefill_ms"]["min"]
             row["prefill_speedup_fraction_by_minima"] = by_minima / predicted
             row["ttft_speedup"] = stock["ttft_ms"]["median"] / row["ttft_ms"]["median"]
+            row["vision_flops_vs_stock"] = row["vision_flops"] / stock["vision_flops"]
+            row["vision_ms_vs_stock"] = row["vision_ms"]["median"] / stock["vision_ms"]["median"]
+            row["vision_ms_vs_stock_by_minima"] = row["vision_ms"]["min"] / stock["vision_ms"]["min"]
     return rows
 
 
-def _attention_acquisition(model, pixels, warmup: int, repeats: int, log) -> dict:
+def _attention_acquisition(model, inputs: dict, warmup: int, repeats: int, log) -> dict:
     samples = {"ours_sdpa_hooks": [], "released_eager_all_maps": []}
     peaks = {}
+    image_inputs = image_feature_inputs(model, inputs)
+    pixels = image_inputs.pop("pixel_values")
     for round_index in range(warmup + repeats):
-        result = measure_attention_acquisition(model, pixels, with_memory=(round_index == 0))
+        result = measure_attention_acquisition(model, pixels, with_memory=(round_index == 0), **image_inputs)
         for key, value in result.items():
             if round_index == 0:
                 peaks[key] = (value.get("peak_memory_bytes"), value["attention_map_bytes"])
@@ -111,16 +117,17 @@ def _attention_acquisition(model, pixels, warmup: int, repeats: int, log) -> dic
     }
     ours, theirs = attention["ours_sdpa_hooks"]["ms"]["median"], attention["released_eager_all_maps"]["ms"]["median"]
     attention["released_over_ours"] = theirs / ours if ours else None
-    log(f"  {_method_of(model).label} attention: ours {ours:.0f} ms, released way {theirs:.0f} ms")
+    log(f"  {method_of(model).label} attention: ours {ours:.0f} ms, released way {theirs:.0f} ms")
     return attention
 
 
 def figures(rows: list[dict], workload: Workload) -> list[dict]:
-    """The derived figures, per reduced row: what the reduction costs next to the vision tower, and the measured
-    LM prefill speed-up as a fraction of the one the FLOPs predict (the FLOP bound)."""
+    """The derived figures, per reduced row: what the reduction costs next to the vision tower, the measured
+    LM prefill speed-up as a fraction of the one the FLOPs predict (the FLOP bound), and the vision tower's time
+    over stock's next to the FLOP ratio of the crops and layers that ran (the dead-layer cut)."""
     out = []
     for row in rows:
-        method = _method_of(workload.models[row["method"]])
+        method = method_of(workload.models[row["method"]])
         if method is None:
             continue
         out.append({
@@ -134,6 +141,13 @@ def figures(rows: list[dict], workload: Workload) -> list[dict]:
                 "method": row["method"], "kind": "prefill_speedup_fraction",
                 "value": row["prefill_speedup_fraction"], "value_by_minima": row["prefill_speedup_fraction_by_minima"],
             })
+        if "vision_ms_vs_stock" in row:
+            out.append({
+                "figure": f"{row['method']}: vision tower time / stock's ({row['vision_layers_run']} of "
+                          f"{workload.shape.vision_layers} layers; FLOP ratio {row['vision_flops_vs_stock']:.3f})",
+                "method": row["method"], "kind": "vision_vs_stock", "predicted": row["vision_flops_vs_stock"],
+                "value": row["vision_ms_vs_stock"], "value_by_minima": row["vision_ms_vs_stock_by_minima"],
+            })
     return out
 
 
@@ -141,8 +155,8 @@ def run_benchmark(workload: Workload, repeats: int = 3, warmup: int = 1, new_tok
                   attention_comparison: bool = True, log=print, batch_sizes=(1,), image=None) -> dict:
     """Run every method `warmup + repeats` times at every batch size (interleaved: round by round, in each round
     every batch size, in each every row) and summarise. Batch 1 runs on the workload's inputs; a batch of `B`
-    on `B` pictures made from `image` (`batch_images`; batch 1 is always run: it is the released way). The
-    first round measures peak memory too. Returns the JSON-able report."""
+    on `B` pictures made from `image` (default: the workload's picture; `batch_images`; batch 1 is always run:
+    it is the released way). The first round measures peak memory too. Returns the JSON-able report."""
     from tqdm.auto import tqdm
 
     shape = workload.shape
@@ -150,6 +164,7 @@ def run_benchmark(workload: Workload, repeats: int = 3, warmup: int = 1, new_tok
     names = list(workload.models)
     batch_sizes = sorted({1, *batch_sizes})
     batches = {1: workload.inputs}
+    image = workload.image if image is None else image
     for size in batch_sizes[1:]:
         if image is None:
             raise ValueError("batch sizes above 1 need the image the batches are made from (image=...)")
@@ -188,18 +203,18 @@ def run_benchmark(workload: Workload, repeats: int = 3, warmup: int = 1, new_tok
 
     attention = None
     # The first row whose method reads a vision layer's attention: how much the released way of getting it costs.
-    attending = next((n for n in names if getattr(_method_of(workload.models[n]), "captures_vision_attention", False)),
+    attending = next((n for n in names if getattr(method_of(workload.models[n]), "captures_vision_attention", False)),
                      None)
     if attention_comparison and attending is not None:
-        attention = _attention_acquisition(
-            workload.models[attending], workload.inputs[attending]["pixel_values"], warmup, repeats, log
-        )
+        attention = _attention_acquisition(workload.models[attending], workload.inputs[attending], warmup, repeats, log)
 
     return {
         "random_weights": workload.random_weights,
         "notice": RANDOM_WEIGHTS_NOTICE if workload.random_weights else "Weights loaded from " + workload.source,
         "source": workload.source,
         "shape": asdict(shape),
+        "family": shape.family,
+        "input_image_size": list(image.size) if image is not None else None,
         "vision_tower_flops": vision_tower_flops(shape),
         "dtype": str(next(iter(workload.models.values())).dtype).replace("torch.", ""),
         "batch": 1,
