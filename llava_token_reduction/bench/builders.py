@@ -45,7 +45,7 @@ def _text_tower_method(family):
     """The registered method of `family` whose model carries CLIP's text tower (the preset base of every row);
     None when the family has none."""
     return next((method for method in registry.METHODS.values()
-                 if method.needs_clip_text_tower and method.name in family.method_classes), None)
+                 if method.needs_clip_text_tower and family.has(method)), None)
 
 
 def _keep_fp32_modules(model) -> None:

@@ -10,46 +10,58 @@ from dataclasses import dataclass, field
 
 from .. import families as family_registry
 from .. import methods as registry
-from ..methods import BenchVariant, _resolve
+from ..methods import BenchVariant
 
 
 @dataclass(frozen=True)
 class BenchFamily:
-    """One model family: its stock classes, the generation class of every method it has (by registry name, with
-    its config's `model_type`), and the rows bench times by default."""
+    """One registered model family (`llava_token_reduction.families`) as bench sees it: the stock class and each
+    method's class there come from the registries; bench adds the rows it times by default and the crops of its
+    reference picture."""
 
-    name: str
-    label: str
-    stock_model_type: str
-    stock_class_name: str
-    # registry method name -> (generation class reference, model_type of its config)
-    method_classes: dict = field(default_factory=dict)
+    name: str  # a `families.FAMILIES` name, which is also its stock checkpoints' model type
     # registry method name -> the rows bench times by default (None: the registry's `bench_variants`)
     bench_variants: dict = field(default_factory=dict)
-    # Images are cut into crops on a grid (anyres): configs carry `image_grid_pinpoints`, the processor is
-    # `LlavaNextProcessor`, `image_sizes` travels with the pixels.
-    anyres: bool = False
     # Crops per image on the family's reference picture (1 for LLaVA-1.5; a 2x2 grid for LLaVA-NeXT: 5), so that
     # a row named by its tokens per image ("visionzip-160") says what the language model sees on that picture.
     reference_crops: int = 1
 
     @property
+    def registered(self):
+        return family_registry.get_family(self.name)
+
+    @property
+    def label(self) -> str:
+        return self.registered.label
+
+    @property
+    def stock_model_type(self) -> str:
+        return self.name
+
+    @property
     def stock_class(self):
-        return _resolve(self.stock_class_name)
+        return self.registered.stock_generation_class
+
+    @property
+    def anyres(self) -> bool:
+        """Images are cut into crops on a grid: configs carry `image_grid_pinpoints`, the processor is
+        `LlavaNextProcessor`, `image_sizes` travels with the pixels."""
+        return self.registered.crop_layouts_reference is not None
+
+    @property
+    def methods(self) -> tuple:
+        """The registry entries with classes in this family, in the registry's order."""
+        return registry.methods_of_family(self.name)
+
+    def has(self, method) -> bool:
+        return self.name in method.families
 
     def generation_class(self, method):
         """The class of `method` (a registry entry) in this family; `ValueError` naming those it has otherwise."""
-        if method.name not in self.method_classes:
-            have = registry.labels_in_words(list(self.method_classes)) if self.method_classes else "none"
+        if not self.has(method):
+            have = registry.labels_in_words([m.name for m in self.methods]) if self.methods else "none"
             raise ValueError(f"{method.label} has no {self.label} classes; {self.label} methods: {have}")
-        return _resolve(self.method_classes[method.name][0])
-
-    def method_of_model_type(self, model_type: str):
-        """The registry entry whose config in this family has `model_type`, or None."""
-        for name, (_, own_type) in self.method_classes.items():
-            if own_type == model_type:
-                return registry.get(name)
-        return None
+        return method.classes(self.name).generation_class
 
     def variants(self, method) -> tuple[BenchVariant, ...]:
         given = self.bench_variants.get(method.name)
@@ -70,27 +82,12 @@ def _per_crop_variants(budgets, crops: int) -> tuple[BenchVariant, ...]:
     )
 
 
-def _from_registry(name: str, **bench_fields) -> BenchFamily:
-    """The bench view of the registered family `name`: its stock class and every method's class there."""
-    family = family_registry.get_family(name)
-    return BenchFamily(
-        name=name,
-        label=family.label,
-        stock_model_type=name,  # a family's name is its stock checkpoints' model type
-        stock_class_name=family.stock_generation_class_name,
-        method_classes={method.name: (method.classes(name).generation_class_name, method.classes(name).model_type)
-                        for method in registry.methods_of_family(name)},
-        **bench_fields,
-    )
+LLAVA = BenchFamily("llava")
 
-
-LLAVA = _from_registry("llava")
-
-LLAVA_NEXT = _from_registry(
+LLAVA_NEXT = BenchFamily(
     "llava_next",
     # The published LLaVA-NeXT budgets, per crop: 108+20 / 54+10 / 27+5 = 640 / 320 / 160 on a 2x2-grid image.
     bench_variants={"visionzip": _per_crop_variants(((108, 20), (54, 10), (27, 5)), crops=5)},
-    anyres=True,
     reference_crops=5,
 )
 
@@ -100,13 +97,13 @@ FAMILIES = {family.name: family for family in (LLAVA, LLAVA_NEXT)}
 def family_of_model_type(model_type: str):
     """`(family, method)` of a checkpoint's `model_type`: the method is None for a stock checkpoint; `ValueError`
     naming the model types bench loads otherwise."""
-    for family in FAMILIES.values():
-        if model_type == family.stock_model_type:
-            return family, None
-        method = family.method_of_model_type(model_type)
-        if method is not None:
-            return family, method
-    known = [t for f in FAMILIES.values() for t in (f.stock_model_type, *(m[1] for m in f.method_classes.values()))]
+    found = registry.find_model_type(model_type)
+    if found is not None:
+        return FAMILIES[found[1].family], found[0]
+    if model_type in FAMILIES:  # a family's name is its stock checkpoints' model type
+        return FAMILIES[model_type], None
+    known = [kind for f in FAMILIES.values()
+             for kind in (f.stock_model_type, *(m.reduced_model_types[f.name] for m in f.methods))]
     raise ValueError(f"a {model_type!r} checkpoint; bench loads model types {', '.join(known)}")
 
 

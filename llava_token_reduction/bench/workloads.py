@@ -47,7 +47,7 @@ def default_methods(family: BenchFamily = LLAVA) -> tuple[Method, ...]:
     return (
         Method(STOCK, STOCK),
         *(Method(variant.name, method.name, overrides=variant.overrides)
-          for method in registry.METHODS.values() if method.name in family.method_classes
+          for method in family.methods
           for variant in family.variants(method)),
     )
 
