@@ -85,7 +85,7 @@ def _load_checkpoint(source: str, methods, clip, overrides: dict, device: str, t
     from transformers import PretrainedConfig
 
     model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
-    _family_of(source)  # a type the demo knows
+    family = _family_of(source)  # a type the demo knows
     found = registry.find_model_type(model_type)
     source_method = found[0] if found else None
     wanted = [registry.get(name) for name in methods]
@@ -128,8 +128,7 @@ def _load_checkpoint(source: str, methods, clip, overrides: dict, device: str, t
         if base is not None:
             loaded[method.name] = (twin(base[0], method.generation_class, **own), _processor_for(method, base[1]))
         else:
-            label = _family_of(source).label
-            with _step(status, f"loading {source} as {label} with {method.label}"):
+            with _step(status, f"loading {source} as {family.label} with {method.label}"):
                 loaded[method.name] = load_checkpoint(source, method, overrides=own, device=device, dtype=torch_dtype,
                                                       trust_remote_code=trust_remote_code)
     for name in [name for name in loaded if name not in methods]:
