@@ -212,25 +212,30 @@ def launch_lmms_eval(python, root, runs: dict, include_path) -> dict:
 def collect_lmms_eval(started: dict, timeout: float) -> dict:
     """Wait for every run of `launch_lmms_eval`, `timeout` seconds for all together; kill what is left by its
     PID. Per name: returncode, log, out, results (the `*_results.json`, None when it wrote none) and seconds
-    (wall time from its start)."""
+    (its wall time, start to exit, to within a tenth of a second)."""
     deadline = time.monotonic() + timeout
-    results = {}
+    ended = {}
     try:
-        for name, (process, log, log_path, out, began) in started.items():
-            process.wait(timeout=max(1, deadline - time.monotonic()))
-            seconds = time.monotonic() - began
-            log.close()
-            with open(log_path) as handle:
-                text = handle.read()
-            found = glob.glob(os.path.join(out, "**", "*_results.json"), recursive=True)
-            results[name] = {"returncode": process.returncode, "log": text, "out": out,
-                             "results": found[0] if found else None, "seconds": seconds}
+        while len(ended) < len(started) and time.monotonic() < deadline:
+            for name, (process, *_) in started.items():
+                if name not in ended and process.poll() is not None:
+                    ended[name] = time.monotonic()
+            time.sleep(0.1)
     finally:
         for process, log, *_ in started.values():
             if process.poll() is None:
                 process.kill()
-                process.wait()
+            process.wait()
             log.close()
+    results = {}
+    for name, (process, _, log_path, out, began) in started.items():
+        with open(log_path) as handle:
+            text = handle.read()
+        if name not in ended:
+            text += f"\n[stopped after the {timeout:.0f} s allowed for all runs]"
+        found = glob.glob(os.path.join(out, "**", "*_results.json"), recursive=True)
+        results[name] = {"returncode": process.returncode, "log": text, "out": out,
+                         "results": found[0] if found else None, "seconds": ended.get(name, time.monotonic()) - began}
     return results
 
 
