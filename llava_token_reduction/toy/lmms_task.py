@@ -104,20 +104,24 @@ def task_yaml(data_dir: Path) -> str:
 
 def lmms_eval_commands(out, assets=ASSETS, output_path: str = "runs/toy") -> str:
     """The shell commands that score the shipped toy checkpoints on the task in `out`: stock, VisionZip 13+3
-    (the VisionZip checkpoint at a load-time budget) and TRIM. `dtype=float32`: the weights are stored in
-    float16, and `toy eval` computes in float32."""
+    (the VisionZip checkpoint at a load-time budget) and TRIM, each recording what its language model saw for
+    `python -m llava_token_reduction.evaluation.summary`. `dtype=float32`: the weights are stored in float16,
+    and `toy eval` computes in float32."""
     out, assets = Path(out), Path(assets)
     settings = (
         ("stock", "llava", ""),
         ("visionzip-13-3", "visionzip", ",dominant_tokens=13,contextual_tokens=3"),
         ("trim", "trim", ""),
     )
-    return "\n".join(
+    runs = [
         f"python -m lmms_eval --model llava_token_reduction --model_args "
-        f"pretrained={assets / kind},dtype=float32{extra} --tasks {TASK_NAME} --include_path {out} "
-        f"--batch_size 50 --output_path {output_path}/{name}"
+        f"pretrained={assets / kind},dtype=float32{extra},stats_path={output_path}/{name}/stats.jsonl "
+        f"--tasks {TASK_NAME} --include_path {out} --batch_size 50 --output_path {output_path}/{name}"
         for name, kind, extra in settings
-    )
+    ]
+    summary = ("# then, per run, the score next to the image tokens: python -m llava_token_reduction.evaluation.summary"
+               f" --results {output_path}/trim --stats {output_path}/trim/stats.jsonl")
+    return "\n".join([*runs, summary])
 
 
 def _readme(out: Path, questions: int) -> str:
