@@ -1,10 +1,13 @@
 """The toy held-out task (`toy lmms-task`) through lmms-eval's own command line gives `toy eval`'s numbers.
 
-Every run scores all 500 held-out questions with a shipped toy checkpoint (stock LLaVA, the VisionZip
-checkpoint at 13+3 given in `--model_args`, TRIM), as docs/toy_model.md tells users to. The reference is
+Every run scores all 500 held-out questions with a shipped toy checkpoint (stock LLaVA and TRIM, whose kept
+count depends on the question text), as docs/toy_model.md tells users to. The reference is
 `toy.evaluate.evaluate` on the same settings, computed here in the same test run (the shipped weights change
 when the toy is retrained, so no number is written down): the same answers question by question, the same
-accuracy overall and per kind, and for the reductions the same image tokens per question.
+accuracy overall and per kind, and for TRIM the same image tokens per question. A run costs about 16 CPU
+seconds, almost all lmms-eval's own start-up (importing it and indexing its tasks), so `--limit` would save
+little; VisionZip at a budget in `--model_args` is the third command of the docs, left out here to keep the
+suite fast (test_lmms_eval.py covers load-time budgets against `generate()`).
 """
 
 import json
@@ -15,17 +18,16 @@ import eval_support as support
 from eval_support import completed, samples
 from llava_token_reduction.cli import main
 from llava_token_reduction.toy import ASSETS
-from llava_token_reduction.toy.evaluate import STOCK, Setting, evaluate, visionzip_setting
+from llava_token_reduction.toy.evaluate import STOCK, Setting, evaluate
 from llava_token_reduction.toy.lmms_task import TASK_NAME
 from llava_token_reduction.toy.scenes import QUESTION_KINDS
 
 
-RUN_TIMEOUT = 300  # seconds for the three lmms-eval runs together (each takes about 20 s alone)
+RUN_TIMEOUT = 300  # seconds for the lmms-eval runs together (each takes about 16-20 s alone)
 
 # name -> (our setting, the --model_args beyond pretrained/device/dtype/stats_path)
 SETTINGS = {
     "stock": (STOCK, ""),
-    "visionzip_13_3": (visionzip_setting(13, 3), ",dominant_tokens=13,contextual_tokens=3"),
     "trim": (Setting("TRIM adaptive", "trim", {}), ""),
 }
 
@@ -69,11 +71,11 @@ def test_lmms_eval_scores_equal_toy_eval(scored, name):
         assert scores[f"exact_match_{kind},none"] == pytest.approx(by_kind[kind], abs=1e-12), kind
 
 
-@pytest.mark.parametrize("name", ["visionzip_13_3", "trim"])
-def test_the_language_model_saw_the_same_image_tokens(scored, name):
-    """The plugin's per-sample record of the tokens the reduction kept equals `toy eval`'s count per question
-    (TRIM's depends on the question text: both score the question alone)."""
+def test_trim_saw_the_same_image_tokens(scored):
+    """The plugin's per-sample record of the tokens TRIM kept equals `toy eval`'s count per question: both
+    score the image against the question alone."""
     runs, ours = scored
-    records = [json.loads(line) for line in open(completed(runs, name)["stats"])]
+    records = [json.loads(line) for line in open(completed(runs, "trim")["stats"])]
     kept = {r["doc_id"]: r["image_tokens"] for r in records if r.get("kind") == "sample"}
-    assert kept == dict(enumerate(ours[name].tokens))
+    assert kept == dict(enumerate(ours["trim"].tokens))
+    assert len(set(kept.values())) > 1  # a count that varies with the image and question
