@@ -4,7 +4,9 @@
   empty string (an unset shell variable), a symbolic link (`--overwrite` would replace what it points to), the
   working directory or one of its ancestors, the home directory, the file-system root, and, with `--overwrite`,
   any existing directory that is not a checkpoint this package wrote (`config.json` of one of the
-  registry's model types, `llava_visionzip`, `llava_next_visionzip`, ...).
+  registry's model types, `llava_visionzip`, `llava_next_visionzip`, ...). Another tool that writes a
+  directory (`toy lmms-task`) passes its own `OutputKind`: what it writes, and how it recognises a previous
+  output of its own, the only thing its `--overwrite` replaces.
 - `OutputPlacement` writes into a hidden staging directory next to OUT and moves it into place. With
   `--overwrite` the old OUT is renamed aside and the staging directory renamed onto OUT with Ctrl-C held back
   between the two renames, so OUT is never absent when control returns; the old copy is deleted afterwards.
@@ -19,6 +21,8 @@ import shutil
 import signal
 import threading
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..methods import all_classes
@@ -36,42 +40,54 @@ def _is_our_checkpoint(directory: Path) -> bool:
     return isinstance(config, dict) and config.get("model_type") in OUR_MODEL_TYPES
 
 
-def resolve_output(out) -> Path:
+@dataclass(frozen=True)
+class OutputKind:
+    """What a tool writes into OUT, for the messages, and how it recognises its own earlier output."""
+
+    noun: str                             # "a checkpoint": "refusing to write a checkpoint over it"
+    is_ours: Callable[[Path], bool]       # an existing OUT that `--overwrite` may replace
+    not_ours: str                         # completes "output OUT exists and ...": why it may not
+    error: type = ConversionError
+
+
+CHECKPOINT = OutputKind(
+    "a checkpoint", _is_our_checkpoint,
+    f"is not a VisionZip/TRIM checkpoint written by this tool (no config.json of model_type "
+    f"{' or '.join(OUR_MODEL_TYPES)}); --overwrite only replaces those: remove it yourself or choose another OUT",
+)
+
+
+def resolve_output(out, kind: OutputKind = CHECKPOINT) -> Path:
     """The absolute OUT, refusing an empty value and a symbolic link (checked before links are resolved)."""
     text = str(out) if out is not None else ""
     if not text.strip():
-        raise ConversionError("OUT is empty (an unset shell variable?); name the output directory explicitly")
+        raise kind.error("OUT is empty (an unset shell variable?); name the output directory explicitly")
     given = Path(os.path.expanduser(text))
     if given.is_symlink():
-        raise ConversionError(
+        raise kind.error(
             f"output {text} is a symbolic link (to {os.readlink(given)}); refusing to write through it: name a "
             "real directory"
         )
     return Path(os.path.abspath(given)).resolve()
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an OUT whose replacement would delete files that are not a previous conversion's output."""
+def check_output(out: Path, overwrite: bool, kind: OutputKind = CHECKPOINT) -> None:
+    """Refuse an OUT whose replacement would delete files that are not a previous output of `kind`."""
     protected = {Path.cwd().resolve(): "the working directory", Path.home().resolve(): "your home directory"}
     for place, name in protected.items():
         if out == place or out in place.parents:
             what = name if out == place else f"an ancestor of {name}"
-            raise ConversionError(f"output {out} is {what}; refusing to write a checkpoint over it: name a new "
-                                  "directory")
+            raise kind.error(f"output {out} is {what}; refusing to write {kind.noun} over it: name a new directory")
     if out == Path(out.anchor):
-        raise ConversionError(f"output {out} is the file-system root; name a new directory")
+        raise kind.error(f"output {out} is the file-system root; name a new directory")
     if not out.exists():
         return
     if not overwrite:
-        raise ConversionError(f"output {out} already exists; pass --overwrite to replace it")
+        raise kind.error(f"output {out} already exists; pass --overwrite to replace it")
     if not out.is_dir():
-        raise ConversionError(f"output {out} exists and is not a directory; refusing to replace it")
-    if not _is_our_checkpoint(out):
-        raise ConversionError(
-            f"output {out} exists and is not a VisionZip/TRIM checkpoint written by this tool (no config.json of "
-            f"model_type {' or '.join(OUR_MODEL_TYPES)}); --overwrite only replaces those: remove it yourself or "
-            "choose another OUT"
-        )
+        raise kind.error(f"output {out} exists and is not a directory; refusing to replace it")
+    if not kind.is_ours(out):
+        raise kind.error(f"output {out} exists and {kind.not_ours}")
 
 
 @contextlib.contextmanager
@@ -100,8 +116,8 @@ def _remove(directory: Path) -> bool:
 class OutputPlacement:
     """A staging directory next to `out` and its move into place (see the module docstring)."""
 
-    def __init__(self, out: Path, overwrite: bool):
-        self.out, self.overwrite = out, overwrite
+    def __init__(self, out: Path, overwrite: bool, kind: OutputKind = CHECKPOINT):
+        self.out, self.overwrite, self.kind = out, overwrite, kind
         self.staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
         self.retired: Path | None = None
         self.placed = False
@@ -114,13 +130,13 @@ class OutputPlacement:
 
     def move_into_place(self) -> None:
         if self.out.is_symlink():
-            raise ConversionError(f"output {self.out} became a symbolic link during the conversion; not replaced")
+            raise self.kind.error(f"output {self.out} became a symbolic link while it was written; not replaced")
         if self.out.exists():
             if not self.overwrite:
-                raise ConversionError(
-                    f"output {self.out} appeared during the conversion; pass --overwrite to replace it"
+                raise self.kind.error(
+                    f"output {self.out} appeared while it was written; pass --overwrite to replace it"
                 )
-            check_output(self.out, self.overwrite)  # it may have changed while we converted
+            check_output(self.out, self.overwrite, self.kind)  # it may have changed while we wrote
             retired = self.out.parent / f".{self.out.name}.replaced-{uuid.uuid4().hex[:8]}"
             with _ctrl_c_held_back():
                 os.rename(self.out, retired)
@@ -165,4 +181,5 @@ class ConversionInterrupted(Exception):
     """Ctrl-C during a conversion; the message says what was written and what is left over."""
 
 
-__all__ = ["resolve_output", "check_output", "OutputPlacement", "ConversionInterrupted", "OUR_MODEL_TYPES"]
+__all__ = ["resolve_output", "check_output", "OutputKind", "CHECKPOINT", "OutputPlacement", "ConversionInterrupted",
+           "OUR_MODEL_TYPES"]

@@ -1,14 +1,25 @@
-"""Offline material for the evaluation and serving tests: tiny saved checkpoints and lmms-eval tasks.
+"""Offline material for the evaluation and serving tests: tiny saved checkpoints, lmms-eval tasks, and
+lmms-eval's own command line run as users run it.
 
 Tasks are built the way EVALUATION.md §4 describes (an `imagefolder` dataset with a `metadata.jsonl`, task
 YAMLs given with `--include_path`): an exact-match generate task, a two-images-per-prompt variant and a
 multiple-choice (loglikelihood) variant.
+
+lmms-eval lives in a separate environment (it drags in what breaks the main one, EVALUATION.md §3): `.ci/run`
+builds it and exports its interpreter as `LLAVA_TOKEN_REDUCTION_EVAL_PYTHON`. Under CI a missing or broken
+interpreter fails the tests that need it (`lmms_eval_python`); elsewhere they are skipped, saying why.
+`launch_lmms_eval` starts several `python -m lmms_eval` runs at once (they are mostly start-up time) and
+`collect_lmms_eval` waits for all of them, bounded, and stops any that overran by its PID.
 """
 
+import glob
 import json
 import os
+import subprocess
+import time
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
@@ -158,3 +169,85 @@ def save_stock_checkpoint(directory, seed: int = 0) -> str:
     torch.manual_seed(seed)
     stock = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs()))
     return _saved(stock, build_processor(), directory, seed)
+
+
+# -- lmms-eval's command line ---------------------------------------------------------------------------
+
+EVAL_PYTHON_VARIABLE = "LLAVA_TOKEN_REDUCTION_EVAL_PYTHON"
+
+
+def lmms_eval_python() -> str:
+    """The lmms-eval environment's interpreter, checked to import lmms_eval and the plugin."""
+    python = os.environ.get(EVAL_PYTHON_VARIABLE)
+    if not python:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must set {EVAL_PYTHON_VARIABLE} to the lmms-eval environment's python (.ci/run does)")
+        pytest.skip(f"lmms-eval environment not configured: set {EVAL_PYTHON_VARIABLE} (see .ci/run)")
+    probe = subprocess.run([python, "-c", "import lmms_eval, llava_token_reduction.evaluation.lmms_plugin"],
+                           capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.fail(f"{EVAL_PYTHON_VARIABLE}={python} cannot import lmms_eval and the plugin:\n{probe.stderr[-3000:]}")
+    return python
+
+
+def launch_lmms_eval(python, root, runs: dict, include_path) -> dict:
+    """Start `python -m lmms_eval` once per entry of `runs`, name -> (--model, --model_args, tasks, batch size,
+    extra flags), offline, one thread each, in `root` (results in root/out_NAME, log in root/log_NAME.txt).
+    Returns what `collect_lmms_eval` needs."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_HOME": os.path.join(root, "hf_home"), "TOKENIZERS_PARALLELISM": "false"}
+    started = {}
+    for name, (model, model_args, tasks, batch, extra) in runs.items():
+        out = os.path.join(root, f"out_{name}")
+        command = [python, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks",
+                   ",".join(tasks), "--include_path", os.fspath(include_path), "--batch_size", str(batch),
+                   "--output_path", out, "--log_samples", *extra]
+        log_path = os.path.join(root, f"log_{name}.txt")
+        log = open(log_path, "w")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+        started[name] = (process, log, log_path, out, time.monotonic())
+    return started
+
+
+def collect_lmms_eval(started: dict, timeout: float) -> dict:
+    """Wait for every run of `launch_lmms_eval`, `timeout` seconds for all together; kill what is left by its
+    PID. Per name: returncode, log, out, results (the `*_results.json`, None when it wrote none) and seconds
+    (its wall time, start to exit, to within a tenth of a second)."""
+    deadline = time.monotonic() + timeout
+    ended = {}
+    try:
+        while len(ended) < len(started) and time.monotonic() < deadline:
+            for name, (process, *_) in started.items():
+                if name not in ended and process.poll() is not None:
+                    ended[name] = time.monotonic()
+            time.sleep(0.1)
+    finally:
+        for process, log, *_ in started.values():
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            log.close()
+    results = {}
+    for name, (process, _, log_path, out, began) in started.items():
+        with open(log_path) as handle:
+            text = handle.read()
+        if name not in ended:
+            text += f"\n[stopped after the {timeout:.0f} s allowed for all runs]"
+        found = glob.glob(os.path.join(out, "**", "*_results.json"), recursive=True)
+        results[name] = {"returncode": process.returncode, "log": text, "out": out,
+                         "results": found[0] if found else None, "seconds": ended.get(name, time.monotonic()) - began}
+    return results
+
+
+def completed(runs, name) -> dict:
+    run = runs[name]
+    if run["results"] is None:  # lmms-eval exits 0 even when the evaluation failed
+        pytest.fail(f"lmms-eval run {name} wrote no results file (exit {run['returncode']}):\n{run['log'][-4000:]}")
+    return run
+
+
+def samples(run, task) -> dict[int, dict]:
+    """The run's logged samples of `task`, by doc_id."""
+    [path] = glob.glob(os.path.join(run["out"], "**", f"*_samples_{task}.jsonl"), recursive=True)
+    with open(path, encoding="utf-8") as handle:
+        return {record["doc_id"]: record for record in map(json.loads, handle)}

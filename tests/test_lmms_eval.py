@@ -2,46 +2,33 @@
 against tiny saved VisionZip, TRIM and stock checkpoints (the stock one also reduced at load time, as VisionZip
 and as PruMerge+).
 
-lmms-eval lives in a separate environment (it drags in what breaks the main one, EVALUATION.md §3): `.ci/run`
-builds it and exports its interpreter as `LLAVA_TOKEN_REDUCTION_EVAL_PYTHON`. Under CI a missing or broken
-interpreter fails these tests; elsewhere they are skipped without it, saying why.
+lmms-eval lives in a separate environment (EVALUATION.md §3; `eval_support.lmms_eval_python`): under CI a
+missing or broken interpreter fails these tests; elsewhere they are skipped without it, saying why.
 
 The references are computed here, in the main environment, the way a user would: `AutoProcessor` and
 `AutoModelForImageTextToText` on the same checkpoint, the chat rendered by the processor, `generate()` one
 sample at a time, and the `labels` loss of `forward` for multiple choice.
 """
 
-import glob
 import json
 import os
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import eval_support as support
+from eval_support import completed, samples
 from llava_token_reduction.evaluation.summary import render_table, summarize
 
 
-EVAL_PYTHON_VARIABLE = "LLAVA_TOKEN_REDUCTION_EVAL_PYTHON"
 RUN_TIMEOUT = 420  # seconds for all lmms-eval processes together
 
 
 @pytest.fixture(scope="module")
 def eval_python():
-    python = os.environ.get(EVAL_PYTHON_VARIABLE)
-    if not python:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must set {EVAL_PYTHON_VARIABLE} to the lmms-eval environment's python (.ci/run does)")
-        pytest.skip(f"lmms-eval environment not configured: set {EVAL_PYTHON_VARIABLE} (see .ci/run)")
-    probe = subprocess.run([python, "-c", "import lmms_eval, llava_token_reduction.evaluation.lmms_plugin"],
-                           capture_output=True, text=True, timeout=120)
-    if probe.returncode != 0:
-        pytest.fail(f"{EVAL_PYTHON_VARIABLE}={python} cannot import lmms_eval and the plugin:\n{probe.stderr[-3000:]}")
-    return python
+    return support.lmms_eval_python()
 
 
 @pytest.fixture(scope="module")
@@ -75,48 +62,17 @@ RUNS = {
 def runs(eval_python, offline):
     """Start every lmms-eval run at once (they are mostly start-up time), wait for all, bounded."""
     root = offline["root"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "HF_HOME": str(root / "hf_home"), "TOKENIZERS_PARALLELISM": "false"}
-    processes = {}
+    launches = {}
     for name, (model, args, checkpoint, tasks, batch, extra) in RUNS.items():
-        out, stats = root / f"out_{name}", root / f"stats_{name}.jsonl"
+        stats = root / f"stats_{name}.jsonl"
         model_args = f"pretrained={offline[checkpoint]},device=cpu,stats_path={stats}" + (f",{args}" if args else "")
-        command = [eval_python, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks",
-                   ",".join(tasks), "--include_path", offline["tasks"], "--batch_size", str(batch),
-                   "--output_path", str(out), "--log_samples", *extra]
-        log = open(root / f"log_{name}.txt", "w")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
-        processes[name] = (process, log, out, stats)
-    deadline = time.monotonic() + RUN_TIMEOUT
-    results = {}
-    try:
-        for name, (process, log, out, stats) in processes.items():
-            process.wait(timeout=max(1, deadline - time.monotonic()))
-            log.close()
-            text = (root / f"log_{name}.txt").read_text()
-            found = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
-            results[name] = {"returncode": process.returncode, "log": text, "out": out, "stats": stats,
-                             "results": found[0] if found else None}
-    finally:
-        for process, log, *_ in processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            log.close()
+        launches[name] = (model, model_args, tasks, batch, extra)
+    started = support.launch_lmms_eval(eval_python, str(root), launches, offline["tasks"])
+    results = support.collect_lmms_eval(started, RUN_TIMEOUT)
+    for name, run in results.items():
+        run["out"] = root / f"out_{name}"
+        run["stats"] = root / f"stats_{name}.jsonl"
     return results
-
-
-def completed(runs, name) -> dict:
-    run = runs[name]
-    if run["results"] is None:  # lmms-eval exits 0 even when the evaluation failed
-        pytest.fail(f"lmms-eval run {name} wrote no results file (exit {run['returncode']}):\n{run['log'][-4000:]}")
-    return run
-
-
-def samples(run, task) -> dict[int, dict]:
-    [path] = glob.glob(str(run["out"] / "**" / f"*_samples_{task}.jsonl"), recursive=True)
-    with open(path, encoding="utf-8") as handle:
-        return {record["doc_id"]: record for record in map(json.loads, handle)}
 
 
 _loaded = {}

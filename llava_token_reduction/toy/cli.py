@@ -8,6 +8,7 @@
     toy tune OUT [--models DIR]               VisionZip at a small budget, projector tuned with it on, then
                                               `convert --projector`; accuracy before and after
     toy data OUT [--split train|test]         write a split as LLaVA instruction data (JSON + PNG images)
+    toy lmms-task OUT [--overwrite]           write the held-out split as an offline lmms-eval task (toy_heldout)
 
 The shipped models live in `llava_token_reduction/assets/toy/{llava,visionzip,trim,prumerge}`. They are a toy:
 a 4-layer ViT and a 3-layer Llama trained on synthetic scenes of coloured shapes, nothing more.
@@ -86,6 +87,15 @@ def register(subparsers) -> None:
     data.add_argument("out", metavar="OUT")
     data.add_argument("--split", choices=("train", "test"), default="train")
     data.set_defaults(handler=run_data)
+
+    task = actions.add_parser("lmms-task", help="write the held-out split as an offline lmms-eval task (toy_heldout)",
+                              description="Write the 500 held-out questions as an lmms-eval task folder (images, "
+                                          "metadata, task YAML): `--include_path OUT --tasks toy_heldout` scores a "
+                                          "toy checkpoint as `toy eval` does.")
+    task.add_argument("out", metavar="OUT", help="the task folder (must not exist or be empty, unless --overwrite)")
+    task.add_argument("--overwrite", action="store_true", help="replace OUT if this command wrote it")
+    task.add_argument("--no-progress", action="store_true")
+    task.set_defaults(handler=run_lmms_task)
 
 
 def torch_threads(threads):
@@ -195,6 +205,15 @@ def run_data(args: argparse.Namespace) -> int:
 
     path = write_instruction_data(args.out, args.split)
     print(f"wrote {path}")
+    return 0
+
+
+def run_lmms_task(args: argparse.Namespace) -> int:
+    from .lmms_task import TASK_NAME, lmms_eval_commands, write_lmms_task
+
+    out = write_lmms_task(args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote the lmms-eval task {TASK_NAME} to {out}; score the shipped toy checkpoints with")
+    print(lmms_eval_commands(out))
     return 0
 
 
