@@ -9,6 +9,9 @@
                                               `convert --projector`; accuracy before and after
     toy data OUT [--split train|test]         write a split as LLaVA instruction data (JSON + PNG images)
     toy lmms-task OUT [--overwrite]           write the held-out split as an offline lmms-eval task (toy_heldout)
+    toy lm-study [--order ...] [--features ...]
+                                              train the LLaVA stage alone (prompt order, tower or symbolic
+                                              features) and print accuracy by kind as it learns
 
 The shipped models live in `llava_token_reduction/assets/toy/{llava,visionzip,trim,prumerge}`. They are a toy:
 a 4-layer ViT and a 3-layer Llama trained on synthetic scenes of coloured shapes, nothing more.
@@ -96,6 +99,24 @@ def register(subparsers) -> None:
     task.add_argument("--overwrite", action="store_true", help="replace OUT if this command wrote it")
     task.add_argument("--no-progress", action="store_true")
     task.set_defaults(handler=run_lmms_task)
+
+    lm = actions.add_parser("lm-study", help="train the LLaVA stage alone and print its accuracy as it learns "
+                                             "(prompt order, tower or symbolic features; ~7 min at the defaults)")
+    lm.add_argument("--models", metavar="DIR", help="whose llava/ tower to use (default: the shipped models)")
+    lm.add_argument("--order", choices=("image-first", "question-first"), default="image-first",
+                    help="where the image goes in the user turn (default: image-first, the shipped template)")
+    lm.add_argument("--features", choices=("tower", "symbolic"), default="tower",
+                    help="the frozen tower's output, or the scene as symbols on the patch grid (default: tower)")
+    lm.add_argument("--steps", type=int, default=2000)
+    lm.add_argument("--lr", type=float, default=1.5e-3)
+    lm.add_argument("--batch-size", type=int, default=32)
+    lm.add_argument("--seed", type=int, default=0)
+    lm.add_argument("--every", type=int, default=500, help="score every N steps (default 500)")
+    lm.add_argument("--train-images", type=int, default=6000)
+    lm.add_argument("--standardize-projector", action="store_true",
+                    help="start the projector on standardised features (their mean and scale folded into it)")
+    lm.add_argument("--no-progress", action="store_true")
+    lm.set_defaults(handler=run_lm_study)
 
 
 def torch_threads(threads):
@@ -205,6 +226,20 @@ def run_data(args: argparse.Namespace) -> int:
 
     path = write_instruction_data(args.out, args.split)
     print(f"wrote {path}")
+    return 0
+
+
+def run_lm_study(args: argparse.Namespace) -> int:
+    from .lm_study import HEADER, row_text, study
+
+    print(f"LLaVA stage alone: {args.order}, {args.features} features, {args.steps} steps at lr {args.lr}, "
+          f"batch {args.batch_size}, seed {args.seed} (teacher-forced first answer token)")
+    print(HEADER, flush=True)
+    with torch_threads(1):
+        study(_root(args), order=args.order, features=args.features, steps=args.steps, lr=args.lr,
+              batch_size=args.batch_size, seed=args.seed, every=args.every, train_images=args.train_images,
+              standardize=args.standardize_projector, progress=not args.no_progress,
+              on_row=lambda row: print(row_text(row), flush=True))
     return 0
 
 

@@ -165,8 +165,14 @@ def _clip_inputs(processor, scenes) -> dict:
 
 def build_llava(clip: CLIPModel, shape: TinyShape = TOY_SHAPE) -> LlavaForConditionalGeneration:
     """A stock LLaVA whose vision tower is `clip`'s (copied, frozen); projector and Llama at random."""
+    return llava_with_tower(clip.vision_model, shape)
+
+
+def llava_with_tower(vision_tower: torch.nn.Module, shape: TinyShape = TOY_SHAPE) -> LlavaForConditionalGeneration:
+    """A stock LLaVA with `vision_tower`'s weights copied into its (frozen) tower; projector and Llama at random.
+    `vision_tower`: a CLIP vision transformer of `shape`, a CLIP's `vision_model` or a toy LLaVA's tower."""
     model = LlavaForConditionalGeneration(LlavaConfig(**llava_config_kwargs(shape, build_toy_tokenizer())))
-    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict(), strict=True)
+    model.model.vision_tower.load_state_dict(vision_tower.state_dict(), strict=True)
     model.model.vision_tower.requires_grad_(False)
     return model
 
@@ -219,11 +225,16 @@ def llava_loss(model: LlavaForConditionalGeneration, batch: dict, features: torc
     """LLaVA's training loss with the vision tower's output given (`features`: one row per image, in
     placeholder order): the projector and the placeholder scatter `LlavaModel.forward` does after the tower,
     then the language model on `inputs_embeds`. Equal to `model(**batch_with_pixels).loss` (tested)."""
+    return llava_forward(model, batch, features, labels=batch["labels"]).loss
+
+
+def llava_forward(model: LlavaForConditionalGeneration, batch: dict, features: torch.Tensor, labels=None):
+    """`model`'s forward pass on `batch` with the tower's output (`features`) given, as `llava_loss` describes."""
     embeds = model.get_input_embeddings()(batch["input_ids"])
     image_embeds = model.model.multi_modal_projector(features).to(embeds.dtype)
     mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
     embeds = embeds.masked_scatter(mask, image_embeds)
-    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=labels)
 
 
 def train_llava(clip: CLIPModel, train: Split, recipe: Recipe, shape: TinyShape = TOY_SHAPE,
@@ -232,18 +243,31 @@ def train_llava(clip: CLIPModel, train: Split, recipe: Recipe, shape: TinyShape 
     model = build_llava(clip, shape).train()
     processor = build_toy_processor(shape)
     features = tower_features(model, processor, train.scenes, progress=progress)
+    losses = fit_llava(model, processor, train.questions, features, recipe.llava_steps, recipe.llava_lr,
+                       recipe.llava_batch, recipe.seed, recipe.warmup_fraction, progress=progress)
+    return model.eval(), losses
+
+
+def fit_llava(model: LlavaForConditionalGeneration, processor, questions, features: torch.Tensor, steps: int,
+              lr: float, batch_size: int, seed: int, warmup_fraction: float, progress: bool = True,
+              every: int = 0, on_every=None) -> list[float]:
+    """Train `model`'s trainable parameters for `steps` steps on `questions` (in epochs, shuffled with `seed`),
+    their images' tower output given as `features` (one row per image, see `llava_loss`); returns the losses.
+    `on_every(step, losses)` is called every `every` steps and after the last one (the model in train mode)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = _optimizer(trainable, recipe.llava_lr, recipe.llava_steps, recipe.warmup_fraction)
-    generator = torch.Generator().manual_seed(recipe.seed)
+    optimizer, scheduler = _optimizer(trainable, lr, steps, warmup_fraction)
+    generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     losses = []
-    bar = tqdm(range(recipe.llava_steps), desc="LLaVA (projector + LM)", disable=not progress)
-    for _ in bar:
-        if len(order) < recipe.llava_batch:
-            order += torch.randperm(len(train.questions), generator=generator).tolist()
-        picked, order = order[: recipe.llava_batch], order[recipe.llava_batch:]
-        questions = [train.questions[i] for i in picked]
-        batch = qa_batch(processor, questions)
-        loss = llava_loss(model, batch, features[[q.image_index for q in questions]])
+    bar = tqdm(range(steps), desc="LLaVA (projector + LM)", disable=not progress)
+    for step in bar:
+        if len(order) < batch_size:
+            order += torch.randperm(len(questions), generator=generator).tolist()
+        picked, order = order[:batch_size], order[batch_size:]
+        chosen = [questions[i] for i in picked]
+        batch = qa_batch(processor, chosen)
+        loss = llava_loss(model, batch, features[[q.image_index for q in chosen]])
         _optimizer_step(loss, trainable, optimizer, scheduler, losses, bar)
-    return model.eval(), losses
+        if on_every and every and ((step + 1) % every == 0 or step + 1 == steps):
+            on_every(step + 1, losses)
+    return losses
