@@ -85,7 +85,7 @@ def answer_accuracy(model, processor, questions: list[Question], features: torch
 
 def standardize_projector(model, features: torch.Tensor) -> None:
     """Fold the features' per-channel mean and standard deviation into the projector's first layer, so that it
-    starts on standardised input (the tower's output has a shared offset of norm ~15-30 and channels of very
+    starts on standardised input (the tower's output has a shared offset of norm 14-29 and channels of very
     different scales; the symbols are 0/1)."""
     flat = features.reshape(-1, features.shape[-1])
     mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)

@@ -1,16 +1,11 @@
-"""The scene written as symbols on the patch grid: what the toy's language model is pretrained on.
+"""The scene written as symbols on the patch grid: what a perfect vision tower could give the language model.
 
-A real LLaVA starts from a language model that has already learned to read and to reason; the toy has none.
-Trained from nothing on the vision tower's features, its 3-layer Llama learned which answers each question kind
-allows and how to count, but not to find the object a question names (57% held-out, docs/toy_model.md). So the
-toy makes its own pretrained language model: it first learns the task on a *symbolic image* of every training
-scene, 64 vectors laid out like the tower's 64 patch features, that say for each patch which colour and which
-shape cover it and where it is. Then the tower's real features replace the symbols, in LLaVA's two stages
-(`train.train_llava`): a fresh projector learns to map them into what the pretrained model reads, then projector
-and language model train together.
-
-The symbols come from the scene's description (its objects' colours, shapes and boxes), never from pixels, so
-this stage teaches the language model the questions, not the images.
+`toy lm-study --features symbolic` trains the toy's LLaVA stage on these instead of the frozen tower's output:
+64 vectors laid out like the tower's 64 patch features that say, for each patch, which colour and which shape
+cover it and where it is. They come from the scene's description (its objects' colours, shapes and boxes), not
+from pixels, so a language model that cannot learn the task from them is what stops the toy, not its tower.
+They are also a candidate pretraining input: a real LLaVA starts from a language model that has already learned
+to read and reason, the toy from nothing (docs/toy_model.md, "Fourth pass").
 """
 
 from __future__ import annotations
