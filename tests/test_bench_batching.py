@@ -2,23 +2,16 @@
 synchronisation and allocator peak, checked with torch.cuda stood in for), hub ids, and the VisionZip
 efficiency script."""
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from bench_support import bench_from_hub_cache, efficiency_script
 from llava_token_reduction import bench
 from llava_token_reduction.bench import batching, measure
-
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_decode_and_generate_flops_match_a_hand_computation():
@@ -181,17 +174,6 @@ def test_cuda_without_a_gpu_is_refused_by_name(capsys):
     assert "--device cuda: CUDA is not available here" in capsys.readouterr().err
 
 
-def _hub_cache_with(tmp_path, repo_id: str, save) -> Path:
-    """A private hub cache holding one snapshot of `repo_id`, laid out as huggingface_hub lays it out."""
-    cache = tmp_path / "hub"
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    save(repo / "snapshots" / revision)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
-    return cache
-
-
 def _save_tiny_stock(directory):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -205,31 +187,17 @@ def _save_tiny_stock(directory):
 
 
 def test_bench_takes_a_hub_id_from_the_hub_cache_offline(tmp_path):
-    cache = _hub_cache_with(tmp_path, "llava-hf/llava-1.5-7b-hf", _save_tiny_stock)
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "llava_token_reduction", "bench", "--model", "llava-hf/llava-1.5-7b-hf",
-         "--methods", "stock,visionzip-64", "--batch-sizes", "1,2", "--repeats", "1", "--warmup", "0",
-         "--new-tokens", "2", "--no-attention-comparison", "--out", str(tmp_path / "out")],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    _save_tiny_stock(tmp_path / "model")
+    report = bench_from_hub_cache(tmp_path, "llava-hf/llava-1.5-7b-hf", tmp_path / "model", [
+        "--methods", "stock,visionzip-64", "--batch-sizes", "1,2", "--repeats", "1", "--warmup", "0",
+        "--new-tokens", "2", "--no-attention-comparison"])
     assert report["source"] == "llava-hf/llava-1.5-7b-hf" and report["random_weights"] is False
     assert {(c["method"], c["batch"]) for c in report["batching"]} == {
         (m, b) for m in ("stock", "visionzip-64") for b in (1, 2)}
 
 
-def _efficiency_script():
-    path = ROOT / "benchmarks" / "visionzip_efficiency.py"
-    spec = importlib.util.spec_from_file_location("visionzip_efficiency", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_efficiency_script_runs_on_the_cpu_and_reports_the_published_table(tmp_path, capsys):
-    script = _efficiency_script()
+    script = efficiency_script()
     _save_tiny_stock(tmp_path / "model")
     out = tmp_path / "efficiency.json"
     status = script.main(["--model", str(tmp_path / "model"), "--budgets", "6+2,10+4", "--samples", "2",
@@ -253,14 +221,14 @@ def test_efficiency_script_runs_on_the_cpu_and_reports_the_published_table(tmp_p
     (["--samples", "0"], "must be >= 1, got 0"),
 ])
 def test_efficiency_script_names_bad_arguments(argv, message, capsys):
-    script = _efficiency_script()
+    script = efficiency_script()
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--model", "x", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_efficiency_script_refuses_what_it_cannot_run(tmp_path, capsys):
-    script = _efficiency_script()
+    script = efficiency_script()
     assert script.main(["--model", "x", "--device", "cuda:x"]) == 2
     assert "--device must be cpu, cuda or cuda:N" in capsys.readouterr().err
     assert script.main(["--model", "x", "--images", str(tmp_path)]) == 2

@@ -3,15 +3,13 @@ VisionZip at the published per-crop budgets on shared weights, a 672x672 picture
 placeholders), `image_sizes` as the side input; the batch sweep; a LLaVA-NeXT checkpoint by hub id, offline."""
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 from PIL import Image
 from transformers import LlavaNextForConditionalGeneration
 
+from bench_support import bench_from_hub_cache, efficiency_script
 from llava_token_reduction import LlavaNextVisionZipForConditionalGeneration, bench
 
 
@@ -147,18 +145,10 @@ def _save_tiny_next(directory):
 
 
 def test_bench_takes_a_llava_next_hub_id_from_the_hub_cache_offline(tmp_path):
-    from test_bench_batching import _hub_cache_with
-
-    cache = _hub_cache_with(tmp_path, "llava-hf/llava-v1.6-vicuna-7b-hf", _save_tiny_next)
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "llava_token_reduction", "bench", "--model", "llava-hf/llava-v1.6-vicuna-7b-hf",
-         "--methods", "stock,visionzip-160", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
-         "--new-tokens", "2", "--out", str(tmp_path / "out")],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    _save_tiny_next(tmp_path / "model")
+    report = bench_from_hub_cache(tmp_path, "llava-hf/llava-v1.6-vicuna-7b-hf", tmp_path / "model", [
+        "--methods", "stock,visionzip-160", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+        "--new-tokens", "2"])
     assert report["source"] == "llava-hf/llava-v1.6-vicuna-7b-hf" and report["family"] == "llava_next"
     rows = {row["method"]: row for row in report["methods"]}
     # The sample picture (336x336) on the tiny crops (56 px, 8x8 patches): a 2x2 grid, 5 crops.
@@ -179,11 +169,9 @@ def test_an_unknown_model_type_is_refused_with_the_types_bench_loads(tmp_path):
 
 
 def test_efficiency_script_runs_a_llava_next_checkpoint(tmp_path, capsys):
-    from test_bench_batching import _efficiency_script
-
     _save_tiny_next(tmp_path / "model")
     out = tmp_path / "efficiency.json"
-    assert _efficiency_script().main(["--model", str(tmp_path / "model"), "--budgets", "27+5", "--samples", "1",
+    assert efficiency_script().main(["--model", str(tmp_path / "model"), "--budgets", "27+5", "--samples", "1",
                                       "--warmup", "0", "--new-tokens", "2", "--out", str(out)]) == 0
     rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["stock", "visionzip-160"]

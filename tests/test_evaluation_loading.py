@@ -165,15 +165,13 @@ def test_stop_strings_cut_at_the_first_one():
 def test_hub_id_from_the_hub_cache_offline(saved, tmp_path):
     """A hub id resolves through a hub-style cache (`models--owner--name/snapshots/<rev>/`, `refs/main`) offline."""
     import os
-    import shutil
     import subprocess
     import sys
 
+    from conversion_inputs import add_to_hub_cache
+
     cache = tmp_path / "hub"
-    snapshot = cache / "models--someone--tiny-llava" / "snapshots" / ("0" * 40)
-    shutil.copytree(saved["stock"], snapshot)
-    (cache / "models--someone--tiny-llava" / "refs").mkdir()
-    (cache / "models--someone--tiny-llava" / "refs" / "main").write_text("0" * 40)
+    add_to_hub_cache(cache, "someone/tiny-llava", saved["stock"])
     script = (
         "from llava_token_reduction.evaluation.loading import load_for_evaluation\n"
         "loaded = load_for_evaluation('someone/tiny-llava', method='visionzip', overrides={'dominant_tokens': 6})\n"
