@@ -45,7 +45,7 @@ FORMAT_VERSION = 1
 
 def _is_task_folder(directory: Path) -> bool:
     """An empty directory, or one this command wrote (its manifest names the command)."""
-    if directory.is_dir() and not any(directory.iterdir()):
+    if _is_empty_directory(directory):
         return True
     try:
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
