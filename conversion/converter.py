@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from ..methods import METHODS as REGISTRY
+from ..progress import transformers_bars
 from . import write
 from .build import BuiltCheckpoint, build_checkpoint, build_model
 from .errors import ConversionError
@@ -116,17 +117,9 @@ def _result(plan: ConversionPlan, built: BuiltCheckpoint, written_notes: list[st
 
 def convert(request: ConversionRequest) -> ConversionResult:
     """Run one conversion; raises `ConversionError` (one-line message) when it cannot be done."""
-    from transformers.utils import logging as transformers_logging
-
     started = time.monotonic()
-    bars_were_enabled = transformers_logging.is_progress_bar_enabled()
-    if not request.progress:
-        transformers_logging.disable_progress_bar()
-    try:
+    with transformers_bars(request.progress):
         result = _run(request)
-    finally:
-        if bars_were_enabled:
-            transformers_logging.enable_progress_bar()
     result.notes.append(f"took {time.monotonic() - started:.1f} s")
     return result
 

@@ -19,6 +19,7 @@ import sys
 
 from .errors import UserError, print_failure
 from .methods import labels_in_words
+from .progress import bars_wanted, transformers_bars
 
 
 PROG = "llava-token-reduction"
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        status = handler(args)
+        with transformers_bars(bars_wanted(args)):  # `--no-progress` silences transformers' bars too
+            status = handler(args)
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@ generation, and the command on a few steps."""
 
 import pytest
 import torch
+from transformers.utils import logging as transformers_logging
 
 from llava_token_reduction.cli import main
 from llava_token_reduction.toy import ASSETS
@@ -82,6 +83,9 @@ def test_study_scores_on_schedule_and_refuses_bad_settings(tmp_path):
 def test_the_command_prints_a_row_per_evaluation(capsys):
     assert main(["toy", "lm-study", "--features", "symbolic", "--steps", "2", "--every", "1", "--train-images", "12",
                  "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "Loading weights" not in captured.err  # --no-progress silences transformers' bars too...
+    assert transformers_logging.is_progress_bar_enabled()  # ...for the command only
     assert "image-first, symbolic features, 2 steps" in out
     assert out.count("\n| 1 |") == 1 and out.count("\n| 2 |") == 1

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..progress import transformers_bars
 from . import ASSETS
 from .scenes import QUESTION_KINDS, TEST_SEED, Question, Split, chance_accuracy, make_split
 from .train import prompt_text
@@ -123,24 +124,17 @@ def answer_questions(model, processor, questions: list[Question], images, batch_
 
 def evaluate(settings=DEFAULT_SETTINGS, root=ASSETS, split: Split | None = None, limit: int | None = None,
              progress: bool = True) -> list[Result]:
-    from transformers.utils import logging as transformers_logging
-
     split = split or test_split()
     questions = list(split.questions[:limit] if limit else split.questions)
     images = split.images()
     results = []
-    bars_were_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per setting would drown the table
-    try:
+    with transformers_bars(False):  # one "Loading weights" bar per setting would drown the table
         for setting in tqdm(settings, desc="settings", disable=not progress):
             model, processor = load(Path(root) / setting.kind, **setting.overrides)
             answers, tokens = answer_questions(model, processor, questions, images, progress=progress,
                                                desc=setting.label)
             correct = [a == q.answer for a, q in zip(answers, questions)]
             results.append(Result(setting, answers, correct, tokens, [q.kind for q in questions]))
-    finally:
-        if bars_were_enabled:
-            transformers_logging.enable_progress_bar()
     return results
 
 
