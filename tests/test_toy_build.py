@@ -107,7 +107,7 @@ def test_cached_tower_features_give_the_model_s_own_loss():
     reference_grad = model.model.multi_modal_projector.linear_1.weight.grad.clone()
     model.zero_grad()
     features = tower_features(model, processor, train.scenes, progress=False)
-    assert features.shape == (3, 64, 64)
+    assert features.shape == (3, 16, 64)
     batch = qa_batch(processor, questions)
     assert torch.equal(batch["input_ids"], qa_batch(processor, questions, images)["input_ids"])
     loss = llava_loss(model, batch, features[[q.image_index for q in questions]])
@@ -115,6 +115,33 @@ def test_cached_tower_features_give_the_model_s_own_loss():
     torch.testing.assert_close(loss, reference.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.model.multi_modal_projector.linear_1.weight.grad, reference_grad,
                                rtol=1e-4, atol=1e-7)
+    # The placeholders' features as one (tokens, width) run, as the background-drop examples pass them: the same.
+    flat = features[[q.image_index for q in questions]].flatten(0, 1)
+    torch.testing.assert_close(llava_loss(model, batch, flat), loss, rtol=0, atol=0)
+
+
+def test_background_drop_keeps_every_object_patch_and_a_uniform_share_of_the_rest():
+    from llava_token_reduction.toy.train import build_toy_processor, kept_patches, qa_batch, scene_object_patches
+
+    train = make_split(TRAIN_SEED, 50)
+    objects = scene_object_patches(train.scenes)
+    assert all(1 < len(patches) < 5 for patches in objects)  # 2-4 objects, one patch each
+    generator = torch.Generator().manual_seed(0)
+    assert all(kept_patches(generator, objects[0], 16, 0.0) == list(range(16)) for _ in range(20))
+    counts = []
+    for index in range(400):
+        kept = kept_patches(generator, objects[index % 50], 16, 1.0)
+        assert kept == sorted(set(kept)) and objects[index % 50] <= set(kept) <= set(range(16))
+        counts.append(len(kept) - len(objects[index % 50]))
+    assert min(counts) == 0 and max(counts) >= 11 and 4 < sum(counts) / len(counts) < 9  # 0 to all, about half
+    shown = sum(kept_patches(generator, objects[0], 16, 0.5) == list(range(16)) for _ in range(400))
+    assert 150 < shown < 260  # half the examples whole (and a few where every background patch was drawn)
+    # a batch of such examples: as many placeholders as patches kept, the rest padding
+    processor = build_toy_processor()
+    questions = list(train.questions[:3])
+    batch = qa_batch(processor, questions, image_tokens=[3, 16, 7])
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (batch["input_ids"] == image_token).sum(dim=1).tolist() == [3, 16, 7]
 
 
 def test_toy_tokenizer_has_one_token_per_task_word():
@@ -133,4 +160,4 @@ def test_toy_tokenizer_has_one_token_per_task_word():
     assert tokenizer("What is a zebra?", add_special_tokens=False)["input_ids"].count(tokenizer.unk_token_id) == 1
     # the fixed training length holds the longest prompt + answer without truncation
     batch = qa_batch(processor, list(train.questions))
-    assert batch["input_ids"].shape[1] == 84 and (batch["attention_mask"][:, 0] == 0).any()
+    assert batch["input_ids"].shape[1] == 16 + 20 and (batch["attention_mask"][:, 0] == 0).any()

@@ -12,36 +12,39 @@ from llava_token_reduction.toy.evaluate import test_split as held_out_split
 from llava_token_reduction.toy.lm_study import ORDERS, first_answer_hits, study
 from llava_token_reduction.toy.scenes import COLORS, SHAPES, Scene, SceneObject
 from llava_token_reduction.toy.symbolic import symbol_width, symbolic_features
-from llava_token_reduction.toy.train import build_toy_processor, prompt_text, tower_features
+from llava_token_reduction.toy.train import TOY_CHAT_TEMPLATE, build_toy_processor, prompt_text, tower_features
 
 
 def test_symbolic_features_mark_the_object_s_patches_and_every_patch_s_place():
-    # A red triangle whose box spans x 20..44, y 60..84: columns 1-3 and rows 4-6 of the 14-px grid.
+    # A red triangle whose box spans x 20..44, y 60..84: columns 0-1 and rows 2-3 of the 28-px grid (a box
+    # across cells, which the scenes never draw, to check every covered patch is marked); then the 14-px grid's
+    # columns 1-3 and rows 4-6.
     scene = Scene((SceneObject("red", "triangle", 32, 72, 12),), (220, 220, 220), 0)
-    features = symbolic_features([scene], width=64)
-    assert features.shape == (1, 64, 64)
-    covered = {row * 8 + col for row in (4, 5, 6) for col in (1, 2, 3)}
     colors, shapes = len(COLORS), len(SHAPES)
-    for patch in range(64):
-        vector = features[0, patch]
-        row, col = divmod(patch, 8)
-        expected = torch.zeros(64)
-        expected[colors + shapes + row] = 1
-        expected[colors + shapes + 8 + col] = 1
-        if patch in covered:
-            expected[list(COLORS).index("red")] = 1
-            expected[colors + SHAPES.index("triangle")] = 1
-        assert torch.equal(vector, expected), patch
-    assert symbol_width() == 24
-    with pytest.raises(ValueError, match="width of at least 24"):
-        symbolic_features([scene], width=16)
+    for patch_size, grid, covered in ((28, 4, {row * 4 + col for row in (2, 3) for col in (0, 1)}),
+                                      (14, 8, {row * 8 + col for row in (4, 5, 6) for col in (1, 2, 3)})):
+        features = symbolic_features([scene], width=64, patch_size=patch_size)
+        assert features.shape == (1, grid * grid, 64)
+        for patch in range(grid * grid):
+            row, col = divmod(patch, grid)
+            expected = torch.zeros(64)
+            expected[colors + shapes + row] = 1
+            expected[colors + shapes + grid + col] = 1
+            if patch in covered:
+                expected[list(COLORS).index("red")] = 1
+                expected[colors + SHAPES.index("triangle")] = 1
+            assert torch.equal(features[0, patch], expected), (patch_size, patch)
+    assert symbol_width() == 16 and symbol_width(14) == 24
+    with pytest.raises(ValueError, match="width of at least 16"):
+        symbolic_features([scene], width=12)
 
 
-def test_question_first_puts_the_question_before_the_image():
+def test_the_toy_s_template_puts_the_question_before_the_image():
     processor = build_toy_processor()
-    assert prompt_text(processor, "Is there a red circle?") == "USER: <image>\nIs there a red circle? ASSISTANT:"
-    processor.chat_template = ORDERS["question-first"]
     assert prompt_text(processor, "Is there a red circle?") == "USER: Is there a red circle? <image>\nASSISTANT:"
+    processor.chat_template = ORDERS["image-first"]  # LLaVA-1.5's
+    assert prompt_text(processor, "Is there a red circle?") == "USER: <image>\nIs there a red circle? ASSISTANT:"
+    assert ORDERS["question-first"] == TOY_CHAT_TEMPLATE
 
 
 def test_the_teacher_forced_score_is_greedy_generation_s_first_token():
@@ -71,7 +74,7 @@ def test_study_scores_on_schedule_and_refuses_bad_settings(tmp_path):
     assert [row.step for row in rows] == [2, 3]
     assert set(rows[0].held_out) == {"all", "color", "shape", "exists", "count", "side"}
     assert all(0 <= value <= 1 for row in rows for value in (*row.train.values(), *row.held_out.values()))
-    for kwargs, message in (({"order": "middle"}, "order must be one of image-first, question-first"),
+    for kwargs, message in (({"order": "middle"}, "order must be one of question-first, image-first"),
                             ({"features": "pixels"}, "features must be one of tower, symbolic"),
                             ({"steps": 0}, "steps must be >= 1")):
         with pytest.raises(ValueError, match=message):
@@ -87,5 +90,5 @@ def test_the_command_prints_a_row_per_evaluation(capsys):
     out = captured.out
     assert "Loading weights" not in captured.err  # --no-progress silences transformers' bars too...
     assert transformers_logging.is_progress_bar_enabled()  # ...for the command only
-    assert "image-first, symbolic features, 2 steps" in out
+    assert "question-first, symbolic features, 2 steps" in out
     assert out.count("\n| 1 |") == 1 and out.count("\n| 2 |") == 1

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from llava_token_reduction.toy.scenes import (
+    CELL,
     COLORS,
     IMAGE_SIZE,
     NUMBER_WORDS,
@@ -63,12 +64,23 @@ def test_answers_match_the_pixels(split):
 
 
 def test_geometry_is_llava_in_miniature(split):
-    """112 px, 14-px patches: 64 patches; an object touches between 1 and 9 of them, so dropping patches can
-    lose it."""
-    assert IMAGE_SIZE // 14 == 8
-    sizes = [len(object_patches(item)) for scene in split.scenes for item in scene.objects]
-    assert 1 <= min(sizes) and max(sizes) <= 9
-    assert all(0 <= p < 64 for scene in split.scenes for item in scene.objects for p in object_patches(item))
+    """112 px, 28-px patches: 16 patches; every object inside one of them, each in its own, drawn from the
+    pixels (its colour is found in its patch and nowhere outside it), so dropping a patch can lose an object."""
+    from llava_token_reduction.toy.train import TOY_SHAPE
+
+    assert (TOY_SHAPE.image_size, TOY_SHAPE.patch_size, TOY_SHAPE.patches) == (IMAGE_SIZE, CELL, 16)
+    for scene in split.scenes:
+        pixels = np.asarray(scene.render()).astype(int)
+        patches = [object_patches(item) for item in scene.objects]
+        assert all(len(p) == 1 for p in patches) and len({p[0] for p in patches}) == len(patches)
+        for item, (patch,) in zip(scene.objects, patches):
+            row, col = divmod(patch, IMAGE_SIZE // CELL)
+            mask = (np.abs(pixels - np.array(COLORS[item.color])).max(axis=2) < 30)
+            inside = mask[row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL].sum()
+            others = [o for o in scene.objects if o.color == item.color]
+            assert inside > 150  # drawn there, 19-25 px across
+            if len(others) == 1:
+                assert mask.sum() == inside  # and nowhere else
 
 
 def test_captions_fit_clip_context():
@@ -80,13 +92,15 @@ def test_captions_fit_clip_context():
 
 
 def test_contrastive_groups_differ_only_in_shape_colour_or_order():
-    """A CLIP batch is made of groups: a scene, its mirror image, one shape changed, one colour changed; the
+    """Half of a CLIP batch is made of groups of a scene, its mirror image, one shape changed, one colour changed; the
     four captions differ, so telling them apart takes shapes and left-to-right order, not only colours."""
     from llava_token_reduction.toy.scenes import contrastive_group
 
     rng = np.random.default_rng(0)
-    for index in range(30):
+    for index in range(60):
         scene, mirror, shape_changed, color_changed = contrastive_group(rng, noise_seed=index)
+        if len(scene.objects) == 1:
+            continue  # a single-object group (the next test)
         assert len({s.caption() for s in (scene, mirror, shape_changed, color_changed)}) == 4
         assert mirror.caption().split(", ") == scene.caption().split(", ")[::-1]
         assert [o.side for o in mirror.objects] == [("left", "right")[o.side == "left"] for o in scene.objects]
@@ -99,3 +113,24 @@ def test_contrastive_groups_differ_only_in_shape_colour_or_order():
             assert getattr(before, attribute) != getattr(after, attribute)
             assert (before.x, before.y, before.radius) == (after.x, after.y, after.radius)
             assert len({o.name for o in changed.objects}) == len(changed.objects)
+
+
+def test_single_object_groups_show_one_object_as_each_shape_and_in_another_colour():
+    """Half of CLIP's groups: one object in one place, as circle, square and triangle and in a fourth colour,
+    so that only the shape (or the colour) in that one patch tells the captions apart."""
+    from llava_token_reduction.toy.scenes import SHAPES, contrastive_group
+
+    rng = np.random.default_rng(0)
+    singles = 0
+    for index in range(40):
+        group = contrastive_group(rng, noise_seed=index)
+        if len(group[0].objects) != 1:
+            continue
+        singles += 1
+        assert all(len(scene.objects) == 1 for scene in group)
+        items = [scene.objects[0] for scene in group]
+        assert {(o.x, o.y, o.radius) for o in items} == {(items[0].x, items[0].y, items[0].radius)}
+        assert sorted(o.shape for o in items[:3]) == sorted(SHAPES) and len({o.color for o in items[:3]}) == 1
+        assert items[3].shape == items[0].shape and items[3].color != items[0].color
+        assert len({scene.caption() for scene in group}) == 4
+    assert 10 < singles < 30

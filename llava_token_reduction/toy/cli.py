@@ -101,18 +101,21 @@ def register(subparsers) -> None:
     task.set_defaults(handler=run_lmms_task)
 
     lm = actions.add_parser("lm-study", help="train the LLaVA stage alone and print its accuracy as it learns "
-                                             "(prompt order, tower or symbolic features; ~7 min at the defaults)")
+                                             "(prompt order, tower or symbolic features; ~8 min at the defaults)")
     lm.add_argument("--models", metavar="DIR", help="whose llava/ tower to use (default: the shipped models)")
-    lm.add_argument("--order", choices=("image-first", "question-first"), default="image-first",
-                    help="where the image goes in the user turn (default: image-first, the shipped template)")
+    lm.add_argument("--order", choices=("question-first", "image-first"), default="question-first",
+                    help="where the image goes in the user turn (default: question-first, the shipped template; "
+                         "image-first is LLaVA-1.5's)")
     lm.add_argument("--features", choices=("tower", "symbolic"), default="tower",
                     help="the frozen tower's output, or the scene as symbols on the patch grid (default: tower)")
-    lm.add_argument("--steps", type=int, default=2000)
-    lm.add_argument("--lr", type=float, default=1.5e-3)
+    lm.add_argument("--steps", type=int, help="training steps (default: `toy build`'s)")
+    lm.add_argument("--lr", type=float, help="peak learning rate (default: `toy build`'s)")
     lm.add_argument("--batch-size", type=int, default=32)
     lm.add_argument("--seed", type=int, default=0)
     lm.add_argument("--every", type=int, default=500, help="score every N steps (default 500)")
     lm.add_argument("--train-images", type=int, default=6000)
+    lm.add_argument("--background-drop", type=float, metavar="P",
+                    help="share of the examples shown with some background patches left out (default: `toy build`'s)")
     lm.add_argument("--standardize-projector", action="store_true",
                     help="start the projector on standardised features (their mean and scale folded into it)")
     lm.add_argument("--no-progress", action="store_true")
@@ -231,7 +234,10 @@ def run_data(args: argparse.Namespace) -> int:
 
 def run_lm_study(args: argparse.Namespace) -> int:
     from .lm_study import HEADER, row_text, study
+    from .train import Recipe
 
+    args.steps = args.steps or Recipe.llava_steps
+    args.lr = args.lr or Recipe.llava_lr
     print(f"LLaVA stage alone: {args.order}, {args.features} features, {args.steps} steps at lr {args.lr}, "
           f"batch {args.batch_size}, seed {args.seed} (teacher-forced first answer token)")
     print(HEADER, flush=True)
@@ -239,6 +245,7 @@ def run_lm_study(args: argparse.Namespace) -> int:
         study(_root(args), order=args.order, features=args.features, steps=args.steps, lr=args.lr,
               batch_size=args.batch_size, seed=args.seed, every=args.every, train_images=args.train_images,
               standardize=args.standardize_projector, progress=not args.no_progress,
+              background_drop=Recipe.background_drop if args.background_drop is None else args.background_drop,
               on_row=lambda row: print(row_text(row), flush=True))
     return 0
 

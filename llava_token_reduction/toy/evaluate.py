@@ -38,14 +38,14 @@ def visionzip_setting(dominant: int, contextual: int) -> Setting:
 
 
 STOCK = Setting("stock LLaVA", "llava")
-# Budgets in the 54:10 ratio of the published ones, from all 64 tokens down to 2.
-VISIONZIP_BUDGETS = ((64, 0), (54, 10), (27, 5), (13, 3), (6, 2), (3, 1), (1, 1))
+# From all 16 tokens (CLS + 15 patches) down to 2; 13+3 is the published budgets' 54:10 ratio at 16 tokens.
+VISIONZIP_BUDGETS = ((16, 0), (13, 3), (6, 2), (3, 1), (2, 1), (1, 1))
 TRIM_SETTINGS = (
     Setting("TRIM adaptive", "trim", {}),
     Setting("TRIM adaptive, sign False", "trim", {"trim_negate_similarity": False}),
-    Setting("TRIM bounded 8-16", "trim", {"trim_min_tokens": 8, "trim_max_tokens": 16}),
-    Setting("TRIM bounded 8-16, sign False", "trim",
-            {"trim_min_tokens": 8, "trim_max_tokens": 16, "trim_negate_similarity": False}),
+    Setting("TRIM bounded 2-4", "trim", {"trim_min_tokens": 2, "trim_max_tokens": 4}),
+    Setting("TRIM bounded 2-4, sign False", "trim",
+            {"trim_min_tokens": 2, "trim_max_tokens": 4, "trim_negate_similarity": False}),
 )
 PRUMERGE_SETTINGS = (
     Setting("PruMerge", "prumerge", {}),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .scenes import object_patches
+from .scenes import IMAGE_SIZE, object_patches
 from .train import prompt_text
 
 
@@ -76,7 +76,7 @@ def trim_sign_report(root, split, limit: int | None = None, progress: bool = Tru
     return "\n".join(lines)
 
 
-def visionzip_object_report(root, split, budgets=((6, 2), (13, 3), (27, 5))) -> str:
+def visionzip_object_report(root, split, budgets=((2, 1), (3, 1), (6, 2))) -> str:
     from .evaluate import load
 
     lines = ["| budget | dominant patches on an object | objects' share of the image |", "|---|---|---|"]
@@ -92,7 +92,7 @@ def visionzip_object_report(root, split, budgets=((6, 2), (13, 3), (27, 5))) -> 
             for scene, kept in zip(scenes, _dominant_patches(cls_attention, dominant)):
                 covered = {p for item in scene.objects for p in object_patches(item, patch_size)}
                 on_object.append(np.mean([k in covered for k in kept]) if kept else 0.0)
-                share.append(len(covered) / (112 // patch_size) ** 2)
+                share.append(len(covered) / (IMAGE_SIZE // patch_size) ** 2)
         lines.append(f"| {dominant}+{contextual} | {100 * np.mean(on_object):.0f}% | {100 * np.mean(share):.0f}% |")
     return "\n".join(lines)
 

@@ -1,14 +1,14 @@
 """`toy lm-study`: can the toy's language model learn the task, and from which inputs?
 
-The shipped toy's 3-layer Llama, trained from nothing, learns the answer sets and counting but not to find the
-object a question names (docs/toy_model.md). This command trains the LLaVA stage alone (fresh projector and
+Up to the fourth pass the toy's 3-layer Llama, trained from nothing, learned the answer sets and counting but not
+to find the object a question names (docs/toy_model.md). This command trains the LLaVA stage alone (fresh projector and
 Llama, the frozen tower of a toy checkpoint) in one of two prompt orders and on one of two kinds of image
 features, and prints training and held-out accuracy by question kind as it goes, so that a change of recipe is
 judged in minutes instead of by a whole `toy build`:
 
-- `--order image-first` is the shipped chat template (LLaVA's: `USER: <image>\\n{question} ASSISTANT:`);
-  `--order question-first` puts the question before the image (`USER: {question} <image>\\nASSISTANT:`), so that
-  under causal attention every image token can read the question.
+- `--order question-first` is the shipped chat template (`train.TOY_CHAT_TEMPLATE`:
+  `USER: {question} <image>\\nASSISTANT:`), under which every image token can read the question (causal
+  attention); `--order image-first` is LLaVA-1.5's (`USER: <image>\\n{question} ASSISTANT:`).
 - `--features tower` trains on the checkpoint's frozen tower output (as `toy build` does);
   `--features symbolic` on `symbolic.symbolic_features`, the scene written as symbols on the patch grid: what
   a perfect vision tower could give. If the language model does not learn from those, the tower is not what
@@ -31,6 +31,7 @@ from ..tiny import LLAVA_CHAT_TEMPLATE
 from .scenes import QUESTION_KINDS, TRAIN_SEED, Question, make_split
 from .symbolic import symbolic_features
 from .train import (
+    TOY_CHAT_TEMPLATE,
     TOY_SHAPE,
     Recipe,
     build_toy_processor,
@@ -38,16 +39,12 @@ from .train import (
     llava_forward,
     llava_with_tower,
     qa_batch,
+    scene_object_patches,
     tower_features,
 )
 
 
-# The shipped template with the parts of a user turn swapped: its text, then its image(s).
-_IMAGE_PARTS = "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\n' }}{%- endfor -%}"
-_TEXT_PARTS = ("{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{{ ' ' }}"
-               "{%- endfor -%}")
-QUESTION_FIRST_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace(_IMAGE_PARTS + _TEXT_PARTS, _TEXT_PARTS + _IMAGE_PARTS)
-ORDERS = {"image-first": LLAVA_CHAT_TEMPLATE, "question-first": QUESTION_FIRST_TEMPLATE}
+ORDERS = {"question-first": TOY_CHAT_TEMPLATE, "image-first": LLAVA_CHAT_TEMPLATE}  # the toy's, LLaVA-1.5's
 FEATURES = ("tower", "symbolic")
 TRAIN_CHECK = 500  # training questions scored at every evaluation (the first ones of the split)
 
@@ -95,9 +92,10 @@ def standardize_projector(model, features: torch.Tensor) -> None:
         first.bias.sub_(first.weight @ mean)
 
 
-def study(models: Path, order: str = "image-first", features: str = "tower", steps: int = 2000,
-          lr: float = 1.5e-3, batch_size: int = 32, seed: int = 0, every: int = 500, train_images: int = 6000,
-          standardize: bool = False, progress: bool = True, on_row=None) -> list[StudyRow]:
+def study(models: Path, order: str = "question-first", features: str = "tower", steps: int = Recipe.llava_steps,
+          lr: float = Recipe.llava_lr, batch_size: int = 32, seed: int = 0, every: int = 500, train_images: int = 6000,
+          standardize: bool = False, background_drop: float = Recipe.background_drop, progress: bool = True,
+          on_row=None) -> list[StudyRow]:
     """Train a fresh projector and Llama on the frozen tower of `models`/llava (see the module docstring) and
     score them every `every` steps; `on_row(row)` sees each row as it comes."""
     from transformers import LlavaForConditionalGeneration
@@ -108,6 +106,8 @@ def study(models: Path, order: str = "image-first", features: str = "tower", ste
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if features not in FEATURES:
         raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
+    if not 0 <= background_drop <= 1:
+        raise ValueError(f"background_drop must be between 0 and 1, got {background_drop}")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("every", every), ("train_images", train_images)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -143,7 +143,8 @@ def study(models: Path, order: str = "image-first", features: str = "tower", ste
             on_row(row)
 
     fit_llava(model, processor, train.questions, train_features, steps, lr, batch_size, seed,
-              Recipe.warmup_fraction, progress=progress, every=every, on_every=score)
+              Recipe.warmup_fraction, progress=progress, every=every, on_every=score,
+              background_drop=background_drop, object_patches_of=scene_object_patches(train.scenes))
     return rows
 
 

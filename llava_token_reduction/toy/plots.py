@@ -17,7 +17,7 @@ def accuracy_plot(results, path, title: str = "Toy LLaVA (synthetic shapes), hel
     for result in results:
         if result.setting.kind == "llava":
             axes.axhline(100 * result.accuracy, color="black", linestyle="--", linewidth=1,
-                         label=f"stock LLaVA, 64 tokens ({100 * result.accuracy:.1f}%)")
+                         label=f"stock LLaVA, {result.mean_tokens:.0f} tokens ({100 * result.accuracy:.1f}%)")
             continue
         family = result.setting.kind if "sign False" not in result.setting.label else "trim (sign False)"
         groups.setdefault(family, []).append(result)

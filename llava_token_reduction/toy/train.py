@@ -38,19 +38,31 @@ from ..tiny import (
     clip_text_config,
     llava_config_kwargs,
 )
-from .scenes import COLORS, NUMBER_WORDS, SHAPES, Question, Split, contrastive_group
+from .scenes import CELL, COLORS, IMAGE_SIZE, NUMBER_WORDS, SHAPES, Question, Split, contrastive_group, object_patches
 
 
-# LLaVA-1.5 in miniature: 112-pixel images, 14-pixel patches (64 patches + CLS), a 4-layer ViT, a 3-layer
-# Llama. Default initialiser range (0.02): these weights are trained, not drawn for tests.
+# LLaVA-1.5 in miniature: 112-pixel images, 28-pixel patches (16 patches + CLS; every object inside one,
+# `scenes.CELL`), a 4-layer ViT, a 3-layer Llama with 8 heads (with 4, the fifth pass's language model learned
+# to find the object a question names later: docs/toy_model.md). Default initialiser range (0.02): these
+# weights are trained, not drawn for tests.
 TOY_SHAPE = TinyShape(
-    image_size=112, patch_size=14, vision_hidden=64, vision_layers=4, vision_heads=4, projection_dim=32,
-    text_hidden=128, text_layers=3, text_heads=4, text_kv_heads=4, clip_text_hidden=64, clip_text_layers=2,
+    image_size=IMAGE_SIZE, patch_size=CELL, vision_hidden=64, vision_layers=4, vision_heads=4, projection_dim=32,
+    text_hidden=128, text_layers=3, text_heads=8, text_kv_heads=8, clip_text_hidden=64, clip_text_layers=2,
     text_initializer_range=0.02,
 )
+# LLaVA-1.5's template with the parts of a user turn swapped: its text, then its image(s)
+# (`USER: QUESTION <image>\nASSISTANT:`). Under causal attention every image token then reads the question, so
+# each can mark itself as the object the question names; with the image first a language model trained from
+# nothing in minutes did not learn to find that object (docs/toy_model.md, "Fourth pass").
+_IMAGE_PARTS = "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\n' }}{%- endfor -%}"
+_TEXT_PARTS = ("{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{{ ' ' }}"
+               "{%- endfor -%}")
+if _IMAGE_PARTS + _TEXT_PARTS not in LLAVA_CHAT_TEMPLATE:  # pragma: no cover - a guard for edits of tiny.py
+    raise RuntimeError("LLAVA_CHAT_TEMPLATE no longer has the image-then-text user turn this swaps")
+TOY_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace(_IMAGE_PARTS + _TEXT_PARTS, _TEXT_PARTS + _IMAGE_PARTS)
 CLIP_DATA_SEED = 3  # scenes for contrastive training are drawn fresh from this seed, never from the splits
 CLIP_CHECK_SEED = 4  # the held-out scene groups of `probe.retrieval_by_member`
-QA_LENGTH = 64 + 20  # image placeholders + the longest question and answer with the template (18 words)
+QA_LENGTH = TOY_SHAPE.patches + 20  # image placeholders + the longest question and answer with the template (18 words)
 # The toy language model's vocabulary: the chat template's words, the questions' and the answers'. One token
 # per word, so an answer is one token and a question a handful (with bytes, the first pass's 2-layer model
 # had to spell `What shape is the red object?` out of 29 tokens and learned shapes hardly at all).
@@ -68,12 +80,13 @@ class Recipe:
     train_images: int = 6000
     questions_per_image: int = 5  # every kind the scene answers (the tower's features are computed once per image)
     test_images: int = 250
-    clip_steps: int = 400
+    clip_steps: int = 700
     clip_batch: int = 64
-    clip_lr: float = 2e-3
-    llava_steps: int = 2000
+    clip_lr: float = 3e-3
+    llava_steps: int = 4000
     llava_batch: int = 32
     llava_lr: float = 1.5e-3
+    background_drop: float = 0.5  # share of the LLaVA stage's examples shown with some background patches left out
     warmup_fraction: float = 0.05
     clip_check_groups: int = 100  # held-out groups for `probe.retrieval_by_member`
 
@@ -95,10 +108,11 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_toy_processor(shape: TinyShape = TOY_SHAPE) -> LlavaProcessor:
     """The toy's stock `LlavaProcessor`: CLIP image processing at 112 px, the word-level tokenizer and
-    LLaVA-1.5's chat template; one `<image>` expands to 64 placeholders (CLS dropped, as llava-hf)."""
+    `TOY_CHAT_TEMPLATE` (the question before the image); one `<image>` expands to 16 placeholders (CLS dropped,
+    as llava-hf)."""
     return LlavaProcessor(
         image_processor=build_image_processor(shape), tokenizer=build_toy_tokenizer(), patch_size=shape.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=TOY_CHAT_TEMPLATE,
     )
 
 
@@ -182,16 +196,18 @@ def prompt_text(processor, question: str) -> str:
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
-def qa_batch(processor, questions: list[Question], images=None) -> dict:
+def qa_batch(processor, questions: list[Question], images=None, image_tokens: list[int] | None = None) -> dict:
     """Prompt + ' answer</s>' per question, left-padded, with the loss on the answer and `</s>` only.
     `images` (indexed by `Question.image_index`): add their `pixel_values`; None: text only, for
-    `llava_loss` on cached tower features."""
+    `llava_loss` on cached tower features, with `image_tokens[i]` placeholders for question i (default: all
+    the patches)."""
     tokenizer = processor.tokenizer
     answers = [" " + q.answer for q in questions]
     texts = [prompt_text(processor, q.text) + answer + tokenizer.eos_token for q, answer in zip(questions, answers)]
     # One fixed length: every step then reuses the same kernels (varying shapes make CPU steps several times slower).
     if images is None:
-        texts = [text.replace(IMAGE_TOKEN, IMAGE_TOKEN * TOY_SHAPE.patches) for text in texts]
+        counts = image_tokens or [TOY_SHAPE.patches] * len(questions)
+        texts = [text.replace(IMAGE_TOKEN, IMAGE_TOKEN * count) for text, count in zip(texts, counts)]
         batch = tokenizer(texts, padding="max_length", max_length=QA_LENGTH, return_tensors="pt")
     else:
         batch = processor(images=[images[q.image_index] for q in questions], text=texts, padding="max_length",
@@ -229,7 +245,8 @@ def llava_loss(model: LlavaForConditionalGeneration, batch: dict, features: torc
 
 
 def llava_forward(model: LlavaForConditionalGeneration, batch: dict, features: torch.Tensor, labels=None):
-    """`model`'s forward pass on `batch` with the tower's output (`features`) given, as `llava_loss` describes."""
+    """`model`'s forward pass on `batch` with the tower's output (`features`) given, as `llava_loss` describes:
+    (images, patches, width), or (tokens, width) for the placeholders of the whole batch in order."""
     embeds = model.get_input_embeddings()(batch["input_ids"])
     image_embeds = model.model.multi_modal_projector(features).to(embeds.dtype)
     mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
@@ -244,16 +261,41 @@ def train_llava(clip: CLIPModel, train: Split, recipe: Recipe, shape: TinyShape 
     processor = build_toy_processor(shape)
     features = tower_features(model, processor, train.scenes, progress=progress)
     losses = fit_llava(model, processor, train.questions, features, recipe.llava_steps, recipe.llava_lr,
-                       recipe.llava_batch, recipe.seed, recipe.warmup_fraction, progress=progress)
+                       recipe.llava_batch, recipe.seed, recipe.warmup_fraction, progress=progress,
+                       background_drop=recipe.background_drop, object_patches_of=scene_object_patches(train.scenes))
     return model.eval(), losses
+
+
+def scene_object_patches(scenes, patch_size: int = CELL) -> list[set[int]]:
+    """Per scene, the patches its objects lie in (`scenes.object_patches`)."""
+    return [{p for item in scene.objects for p in object_patches(item, patch_size)} for scene in scenes]
+
+
+def kept_patches(generator: torch.Generator, objects: set[int], patches: int, background_drop: float) -> list[int]:
+    """The patches one training example shows, in raster order: all of them, or with probability
+    `background_drop` every object patch and a uniformly drawn number (0 to all) of the background ones, a
+    uniformly drawn subset. A LLaVA trained only on whole images answers from how many tokens there are
+    (e.g. counts as a share of them) and falls apart when a reduction hands it fewer; this keeps it honest about
+    what it was asked (docs/toy_model.md, "Fifth pass")."""
+    if float(torch.rand((), generator=generator)) >= background_drop:
+        return list(range(patches))
+    background = [p for p in range(patches) if p not in objects]
+    keep = int(torch.randint(len(background) + 1, (), generator=generator))
+    chosen = torch.randperm(len(background), generator=generator)[:keep].tolist()
+    return sorted(objects | {background[i] for i in chosen})
 
 
 def fit_llava(model: LlavaForConditionalGeneration, processor, questions, features: torch.Tensor, steps: int,
               lr: float, batch_size: int, seed: int, warmup_fraction: float, progress: bool = True,
-              every: int = 0, on_every=None) -> list[float]:
+              every: int = 0, on_every=None, background_drop: float = 0.0,
+              object_patches_of: list[set[int]] | None = None) -> list[float]:
     """Train `model`'s trainable parameters for `steps` steps on `questions` (in epochs, shuffled with `seed`),
     their images' tower output given as `features` (one row per image, see `llava_loss`); returns the losses.
+    `background_drop` > 0: that share of the examples shows only some background patches (`kept_patches`;
+    `object_patches_of[image_index]` are the patches never dropped).
     `on_every(step, losses)` is called every `every` steps and after the last one (the model in train mode)."""
+    if background_drop and object_patches_of is None:
+        raise ValueError("background_drop needs object_patches_of (the patches of each image's objects)")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = _optimizer(trainable, lr, steps, warmup_fraction)
     generator = torch.Generator().manual_seed(seed)
@@ -265,8 +307,15 @@ def fit_llava(model: LlavaForConditionalGeneration, processor, questions, featur
             order += torch.randperm(len(questions), generator=generator).tolist()
         picked, order = order[:batch_size], order[batch_size:]
         chosen = [questions[i] for i in picked]
-        batch = qa_batch(processor, chosen)
-        loss = llava_loss(model, batch, features[[q.image_index for q in chosen]])
+        if background_drop:
+            shown = [kept_patches(generator, object_patches_of[q.image_index], features.shape[1], background_drop)
+                     for q in chosen]
+            batch = qa_batch(processor, chosen, image_tokens=[len(kept) for kept in shown])
+            tokens = torch.cat([features[q.image_index, kept] for q, kept in zip(chosen, shown)])
+            loss = llava_loss(model, batch, tokens)
+        else:
+            batch = qa_batch(processor, chosen)
+            loss = llava_loss(model, batch, features[[q.image_index for q in chosen]])
         _optimizer_step(loss, trainable, optimizer, scheduler, losses, bar)
         if on_every and every and ((step + 1) % every == 0 or step + 1 == steps):
             on_every(step + 1, losses)
