@@ -1,6 +1,8 @@
 """The `demo` command: stock LLaVA next to LLaVA with VisionZip and LLaVA with TRIM, on one image.
 
-Without `--model` it needs nothing but this package: it builds a small LLaVA with random weights
+Without `--model` it needs nothing but this package: it runs the bundled toy (`toy/`, a tiny LLaVA trained on
+synthetic shapes) on its held-out scene and question and prints the right answer and the toy's accuracy table
+after the comparison (`demo_toy.ToyDemo`). With `--random` it builds a small LLaVA with random weights
 (`tiny.DEMO_SHAPE`: 336-pixel images, 576 patches as in LLaVA-1.5, narrow layers) plus a random CLIP text
 tower and `visual_projection` for TRIM, saves a VisionZip and a TRIM checkpoint of those weights with their
 processors, loads the directories back through the Auto classes and compares them with stock LLaVA running
@@ -44,6 +46,7 @@ from .demo_models import (  # noqa: F401 - _load_auto, save_random_checkpoints: 
     _towered,
     save_random_checkpoints,
 )
+from .demo_toy import ToyDemo
 from .families import FAMILIES
 from .inputs import DEFAULT_QUESTION, FLOAT_DTYPES, SAMPLE_IMAGE, chat_prompt, parse_dtype
 
@@ -58,13 +61,21 @@ def register(subparsers) -> None:
         help="compare stock LLaVA, LLaVA with VisionZip and LLaVA with TRIM on one image",
         description=(
             "Run stock LLaVA, LLaVA with VisionZip and LLaVA with TRIM on the same weights, image and prompt, and "
-            "print image tokens, timings and the generated text of each. Without --model, a small LLaVA with "
-            "random weights is built locally (no download): its timings are real, its text is gibberish."
+            "print image tokens, timings and the generated text of each. Without --model it runs the bundled toy "
+            "(a tiny LLaVA trained here on synthetic shapes; no download) on a bundled scene and question, and "
+            "prints the right answer and the toy's held-out accuracy table; with --random, a small LLaVA with "
+            "random weights at LLaVA-1.5's image size (576 patches) instead: real timings, gibberish text."
         ),
     )
     parser.add_argument(
         "--model", metavar="PATH_OR_HUB_ID",
-        help="a stock LLaVA checkpoint (e.g. llava-hf/llava-1.5-7b-hf), a VisionZip one or a TRIM one",
+        help="a stock LLaVA checkpoint (e.g. llava-hf/llava-1.5-7b-hf), a VisionZip one or a TRIM one "
+             "(default: the bundled toy's TRIM checkpoint)",
+    )
+    parser.add_argument(
+        "--random", action="store_true",
+        help="instead of the toy, build a small LLaVA with random weights at LLaVA-1.5's image size (576 patches): "
+             "timings at that shape, gibberish text",
     )
     parser.add_argument(
         "--method", choices=METHODS, default="both",
@@ -89,16 +100,18 @@ def register(subparsers) -> None:
         help="keep the checkpoints (weights, code, processor) in DIR/METHOD ("
              + ", ".join(f"DIR/{name}" for name in REDUCTIONS) + ") instead of a temporary directory",
     )
-    parser.add_argument("--image", metavar="FILE", help="image to use (default: a bundled sample picture)")
-    parser.add_argument("--question", default=DEFAULT_QUESTION,
-                        help=f"question about the image (default: {DEFAULT_QUESTION!r})")
+    parser.add_argument("--image", metavar="FILE",
+                        help="image to use (default: the toy's bundled scene; with --model or --random a bundled "
+                             "sample picture)")
+    parser.add_argument("--question",
+                        help="question about the image (default: the toy's question about its scene; with --model "
+                             f"or --random {DEFAULT_QUESTION!r})")
     parser.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate (default: 20)")
     parser.add_argument(
         "--repeats", type=int, metavar="N",
         help="timed runs per measurement after one warm-up (default: 5, or 3 with --model)",
     )
-    parser.add_argument("--seed", type=int, default=0, metavar="N",
-                        help="seed of the random weights, without --model (default: 0)")
+    parser.add_argument("--seed", type=int, metavar="N", help="seed of the random weights, with --random (default: 0)")
     parser.add_argument(
         "--trust-remote-code", action="store_true",
         help="let --model's own Python code (auto_map entries) run when it is loaded; off by default: stock LLaVA, "
@@ -115,9 +128,13 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_new_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.random and args.model:
+        raise CommandError("--random builds its own model with random weights; it does not go with --model")
+    if args.seed is not None and not args.random:
+        raise CommandError("--seed is the seed of the random weights; it goes with --random")
     if args.clip and not args.model:
-        raise CommandError("--clip goes with --model (a stock LLaVA checkpoint to build TRIM from); without --model "
-                           "the demo builds its own CLIP text tower")
+        raise CommandError("--clip goes with --model (a stock LLaVA checkpoint to build TRIM from); the toy and "
+                           "--random bring their own CLIP text tower")
     chosen = _chosen(args.method)
     if args.clip and not _towered(chosen):
         labels = "/".join(method.label for method in _towered(registry.METHODS.values()))
@@ -129,16 +146,23 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"{'/'.join(given)} set the {method.label} {_setting_word(method)}; use --method "
                                f"{method.name}/both")
     overrides = {field: value for method in chosen for field, value in method.overrides_from(args).items()}
-    image_path = Path(args.image) if args.image else SAMPLE_IMAGE
+    toy = None if args.model or args.random else ToyDemo.bundled()
+    model = str(toy.checkpoint) if toy else args.model
+    if toy:
+        overrides = {**toy.overrides_for(chosen, overrides), **overrides}
+    image_path = Path(args.image) if args.image else toy.image if toy else SAMPLE_IMAGE
     if not image_path.is_file():
         raise CommandError(f"image not found: {image_path}")
+    question = args.question or (toy.question if toy else DEFAULT_QUESTION)
     report = run_demo(
-        model=args.model, method=args.method, clip=args.clip, overrides=overrides, device=args.device,
+        model=model, method=args.method, clip=args.clip, overrides=overrides, device=args.device,
         dtype=args.dtype, output=args.output,
-        image=image_path, question=args.question, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-        seed=args.seed, trust_remote_code=args.trust_remote_code,
+        image=image_path, question=question, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+        seed=args.seed or 0, trust_remote_code=args.trust_remote_code,
     )
     print(report.render())
+    if toy:
+        print(toy.epilogue(asked_bundled=image_path == toy.image and question == toy.question))
     return 0
 
 

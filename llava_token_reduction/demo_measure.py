@@ -13,7 +13,7 @@ from .shared_weights import twin
 
 RANDOM_WEIGHTS_NOTICE = (
     "NOTE: this model has random weights (built locally, never trained), so its text is gibberish.\n"
-    "      Token counts and timings are real; for real answers run\n"
+    "      Token counts and timings are real; for real answers run `demo` (the trained toy) or\n"
     "      `demo --model llava-hf/llava-1.5-7b-hf --clip openai/clip-vit-large-patch14-336`."
 )
 RANDOM_TRIM_NOTICE = (

@@ -44,9 +44,9 @@ def number(cell: str) -> float:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """One default demo run, in-process, keeping its checkpoint: (exit status, stdout, stderr, directory)."""
+    """One `demo --random` run, in-process, keeping its checkpoint: (exit status, stdout, stderr, directory)."""
     directory = tmp_path_factory.mktemp("demo_checkpoint")
-    status, out, err = run_main(["demo", *QUICK, "--output", str(directory)])
+    status, out, err = run_main(["demo", "--random", *QUICK, "--output", str(directory)])
     return status, out, err, directory
 
 
@@ -87,6 +87,33 @@ def test_demo_prints_stock_visionzip_and_trim_columns(demo_run):
     assert re.search(r"^PruMerge: '.*'$", out, flags=re.MULTILINE)
 
 
+@pytest.fixture(scope="module")
+def toy_demo_run():
+    """The README's first command, `demo` with no options (few repeats): the bundled toy."""
+    return run_main(["demo", *QUICK])
+
+
+def test_demo_runs_the_bundled_toy_by_default_and_answers_its_question(toy_demo_run):
+    """Without --model or --random the demo is the trained toy: stock LLaVA, VisionZip at the toy's 13+3, TRIM and
+    PruMerge on the bundled held-out scene and question; the right answer and the shipped accuracy table follow.
+    Learned behaviour: stock LLaVA, VisionZip and TRIM all give the right answer (the question was chosen by a
+    rule fixed before training, `toy.ship.demo_question`)."""
+    from llava_token_reduction.toy import ASSETS
+    from llava_token_reduction.toy.ship import demo_question
+
+    status, out, err = toy_demo_run
+    assert status == 0, err
+    assert "NOTE: this model has random weights" not in out and str(ASSETS / "trim") in out
+    assert table_header(out) == ["stock LLaVA", "VisionZip 13+3", "TRIM", "PruMerge"]
+    assert table_row(out, "image tokens per image")[:2] == ["16", "16 (+0.0%)"]
+    asked = demo_question()
+    assert f"TRIM's question (scored with the CLIP text tower): {asked.text!r}" in out
+    assert f"The right answer: {asked.answer} " in out
+    for label in ("stock LLaVA", "VisionZip 13+3", "TRIM"):
+        assert re.search(rf"^{re.escape(label)}: '{asked.answer}'$", out, flags=re.MULTILINE), (label, out)
+    assert (ASSETS / "accuracy.md").read_text().strip() in out
+
+
 def test_demo_reports_progress_on_stderr(demo_run):
     _, out, err, _ = demo_run
     assert "building a small LLaVA with random weights" in err
@@ -119,7 +146,7 @@ def test_demo_keeps_loadable_visionzip_and_trim_checkpoints(demo_run):
 
 def test_demo_visionzip_only_with_budget_overrides():
     status, out, err = run_main([
-        "demo", *QUICK, "--method", "visionzip", "--dominant-tokens", "108", "--contextual-tokens", "20",
+        "demo", "--random", *QUICK, "--method", "visionzip", "--dominant-tokens", "108", "--contextual-tokens", "20",
     ])
     assert status == 0, err
     assert table_header(out) == ["stock LLaVA", "VisionZip 108+20"]
@@ -181,6 +208,8 @@ def test_demo_on_a_trim_checkpoint_needs_no_clip(tiny_trim_dir):
 
 @pytest.mark.parametrize("argv, message", [
     (["--clip", "somewhere"], "--clip goes with --model"),
+    (["--random", "--model", "x"], "--random builds its own model"),
+    (["--seed", "3"], "--seed is the seed of the random weights; it goes with --random"),
     (["--model", "x", "--clip", "somewhere", "--method", "visionzip"], "--clip is only used for TRIM"),
     (["--method", "trim", "--dominant-tokens", "10"], "VisionZip budget"),
     (["--dominant-tokens", "0"], "dominant_tokens"),
@@ -283,8 +312,8 @@ def test_demo_help_lists_its_options(capsys):
         cli.main(["demo", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for option in ("--model", "--method", "--clip", "--dominant-tokens", "--contextual-tokens", "--device", "--dtype",
-                   "--output"):
+    for option in ("--model", "--random", "--method", "--clip", "--dominant-tokens", "--contextual-tokens", "--device",
+                   "--dtype", "--output"):
         assert option in help_text
 
 
